@@ -1,0 +1,1 @@
+"""What each scoring model returns and how its output becomes labels (pure)."""
