@@ -1,0 +1,200 @@
+"""The `blobscore` command: enqueue, status, results, worker, samples, and the local stack and stand-in."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from producer import exports
+from producer.enqueue import enqueue as run_enqueue
+from producer.publishing import TaskPublisher
+from worker.errors import BlobscoreError
+from worker.jobs import JobSpec, JobStatus, JobStore
+from worker.settings import Settings, load_settings
+from worker.storage import BlobStore
+
+app = typer.Typer(help="Score the JPEGs of an Azure Blob container through a TF-Serving gRPC scoring service.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+samples_app = typer.Typer(help="Real sample photos for trying blobscore.", no_args_is_help=True)
+app.add_typer(samples_app, name="samples")
+console = Console(stderr=True)
+
+
+def _mount_optional_apps() -> None:
+    from deploy.local.cli import app as stack_app
+    from deploy.standin.cli import app as standin_app
+
+    app.add_typer(stack_app, name="stack", help="Run the local stack: Redis, Azurite, the stand-in, a worker.")
+    app.add_typer(standin_app, name="standin", help="The local stand-in scoring service (real CPU model).")
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _print_json(value: object) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False))
+
+
+@app.command()
+def enqueue(
+    container: Annotated[str, typer.Option(help="Source container.")],
+    prefix: Annotated[str, typer.Option(help="Only blobs whose names start with this.")] = "",
+    service: Annotated[str | None, typer.Option(help="Scoring service name (default: the configured one).")] = None,
+    results_container: Annotated[str | None, typer.Option(help="Where results go (default: the source).")] = None,
+    results_prefix: Annotated[str | None, typer.Option(help="Default: blobscore-results/<service>/.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Queue at most this many images.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List and count only; create no job.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List the JPEGs under CONTAINER/PREFIX that lack a current result and queue one task per image."""
+    settings = _settings()
+    service_name = service or settings.service
+    if service_name != settings.service:
+        raise typer.BadParameter(f"unknown service {service_name!r}; configured: {settings.service!r}")
+    spec = JobSpec(
+        container=container, prefix=prefix, service=service_name,
+        results_container=results_container or settings.results_container or container,
+        results_prefix=results_prefix if results_prefix is not None else settings.results_prefix_for(service_name),
+    )
+    store = BlobStore.from_settings(settings)
+    if dry_run:
+        report = run_enqueue(store, None, None, spec, limit)
+    else:
+        from worker.celery_app import create_app
+
+        jobs = JobStore.from_url(settings.jobs_url)
+        report = run_enqueue(store, jobs, TaskPublisher(create_app(settings), settings.queue), spec, limit)
+    if as_json:
+        _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
+                     "dry_run": dry_run})
+    elif dry_run:
+        typer.echo(f"would queue {report.listed} images ({report.skipped_current} already have a current result)")
+    else:
+        console.print(f"queued {report.listed} images, {report.skipped_current} already current")
+        typer.echo(report.job_id)
+
+
+def _status_dict(status: JobStatus) -> dict[str, object]:
+    return {"job_id": status.job_id, "listed": status.listed, "ok": status.ok, "rejected": status.rejected,
+            "retrying": status.retrying, "pending": status.pending, "state": status.state}
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job id enqueue printed.")],
+    watch: Annotated[bool, typer.Option("--watch", help="Show a live progress bar until the job is done.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """How many images of a job were listed, scored, rejected, are retrying or pending."""
+    jobs = JobStore.from_url(_settings().jobs_url)
+    current = _watch(jobs, job_id) if watch else jobs.status(job_id)
+    if as_json:
+        _print_json(_status_dict(current))
+    else:
+        typer.echo(" ".join(f"{key}={value}" for key, value in _status_dict(current).items()))
+
+
+def _watch(jobs: JobStore, job_id: str, poll_s: float = 0.5) -> JobStatus:
+    current = jobs.status(job_id)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(job_id, total=current.listed or None)
+        while True:
+            progress.update(bar, total=current.listed or None, completed=current.ok + current.rejected,
+                            description=f"{job_id} ok={current.ok} rejected={current.rejected} "
+                                        f"retrying={current.retrying}")
+            if current.state == "done":
+                return current
+            time.sleep(poll_s)
+            current = jobs.status(job_id)
+
+
+@app.command()
+def results(
+    job_id: Annotated[str, typer.Argument(help="The job id enqueue printed.")],
+    output_format: Annotated[str, typer.Option("--format", help="jsonl, csv or table.")] = "jsonl",
+) -> None:
+    """Export a job's result documents."""
+    settings = _settings()
+    jobs = JobStore.from_url(settings.jobs_url)
+    docs = exports.job_results(BlobStore.from_settings(settings), jobs, job_id)
+    if output_format == "jsonl":
+        for doc in docs:
+            typer.echo(doc.to_json().decode("utf-8"))
+    elif output_format == "csv":
+        typer.echo(exports.to_csv(docs), nl=False)
+    elif output_format == "table":
+        Console().print(exports.to_table(docs))
+    else:
+        raise typer.BadParameter("--format must be jsonl, csv or table")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Images in flight per process (threads).")] = None,
+    queue: Annotated[list[str] | None, typer.Option(help="Queue(s) to consume (default: the configured one).")] = None,
+) -> None:
+    """Run a Celery worker that scores images."""
+    from worker.worker_main import run_worker
+
+    run_worker(_settings(), queue, concurrency)
+
+
+@samples_app.command("upload")
+def samples_upload(
+    container: Annotated[str, typer.Option(help="Container to upload into (created if missing).")] = "demo",
+    prefix: Annotated[str, typer.Option(help="Prefix for the blob names.")] = "",
+) -> None:
+    """Upload real sample photos (scikit-image's and matplotlib's) as JPEG blobs."""
+    from producer.samples import sample_photos
+
+    store = BlobStore.from_settings(_settings())
+    store.ensure_container(container)
+    for name, data in sample_photos().items():
+        store.upload(container, f"{prefix}{name}", data, "image/jpeg")
+        console.print(f"uploaded {container}/{prefix}{name} ({len(data)} bytes)")
+
+
+@app.command()
+def demo(
+    container: Annotated[str, typer.Option(help="Container for the sample photos.")] = "demo",
+) -> None:
+    """Upload the sample photos, score them on the running stack, and print image -> top-1 label."""
+    samples_upload(container=container, prefix="")
+    settings = _settings()
+    started = time.perf_counter()
+    from worker.celery_app import create_app
+
+    jobs = JobStore.from_url(settings.jobs_url)
+    spec = JobSpec(container, "", settings.service, settings.results_container or container,
+                   settings.results_prefix_for(settings.service))
+    report = run_enqueue(BlobStore.from_settings(settings), jobs,
+                         TaskPublisher(create_app(settings), settings.queue), spec)
+    if report.job_id is None:
+        return
+    console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")
+    final = _watch(jobs, report.job_id)
+    elapsed = time.perf_counter() - started
+    Console().print(exports.to_table(exports.job_results(BlobStore.from_settings(settings), jobs, report.job_id)))
+    rate = final.listed / elapsed if elapsed > 0 else 0.0
+    console.print(f"{final.ok} ok, {final.rejected} rejected in {elapsed:.1f} s ({rate:.1f} images/s)")
+
+
+def main() -> None:
+    """Entry point of the `blobscore` console script."""
+    _mount_optional_apps()
+    try:
+        app()
+    except BlobscoreError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()

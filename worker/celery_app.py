@@ -1,0 +1,56 @@
+"""The Celery app, configured from Settings; each reliability setting says why it is there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_shutdown, worker_shutdown
+
+from worker.runtime import ProcessResources
+from worker.settings import Settings
+from worker.tasks import register_tasks
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for an at-least-once, JSON-only, crash-safe image queue."""
+    return {
+        "broker_url": settings.broker_url,
+        # No result backend: results live in Blob Storage, progress in the job record.
+        "result_backend": None,
+        "task_ignore_result": True,
+        # JSON only: a pickled message injected into the queue is refused, never executed.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        # Ack after the task ran, and requeue when the worker process dies mid-task: nothing is lost on a crash.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One message reserved per thread: a crashed worker strands as few images as possible.
+        "worker_prefetch_multiplier": 1,
+        # Unacked messages come back after this long; longer than any task run (deadline-bounded) plus countdown.
+        "broker_transport_options": {"visibility_timeout": 300},
+        "broker_connection_retry_on_startup": True,
+        # A hung task is interrupted rather than holding its message forever.
+        "task_soft_time_limit": settings.scoring_timeout_s * 4 + 30,
+        "task_time_limit": settings.scoring_timeout_s * 4 + 60,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app with the image task registered; per-process adapters open on first use."""
+    app = Celery("blobscore")
+    app.conf.update(celery_config(settings))
+    resources = ProcessResources(settings)
+    register_tasks(app, settings, resources)
+
+    def _close(**_: Any) -> None:
+        resources.close()
+
+    # Weak references would let the closures be collected; keep them connected for the app's life.
+    worker_process_shutdown.connect(_close, weak=False)
+    worker_shutdown.connect(_close, weak=False)
+    return app

@@ -1,0 +1,66 @@
+"""Check that downloaded bytes are a JPEG we can send: pure, cheap, and before any full-size decode."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from worker.errors import PermanentError, RejectionCode
+
+# Formats Pillow reports for JPEG streams: MPO is a JPEG with extra frames (phones write it); the first frame counts.
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# Decoding at reduced DCT scale still walks the whole entropy-coded stream, so truncation is caught cheaply.
+CHECK_DECODE_SIZE = (256, 256)
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the check learned about an image."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
+    """Return the facts of a decodable JPEG, or raise PermanentError with the reason it can never be scored."""
+    if not data:
+        raise PermanentError(RejectionCode.EMPTY, "the blob is empty")
+    if len(data) > max_bytes:
+        raise PermanentError(RejectionCode.TOO_LARGE, f"{len(data)} bytes is over the {max_bytes}-byte cap")
+    with warnings.catch_warnings():
+        # Pillow warns (rather than raises) on large images; we decide on pixels ourselves below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _decode_checked(data, max_pixels)
+
+
+def _decode_checked(data: bytes, max_pixels: int) -> ImageFacts:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise PermanentError(RejectionCode.NOT_AN_IMAGE, "the bytes are not an image Pillow can identify") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise PermanentError(RejectionCode.NOT_AN_IMAGE, f"unreadable image header: {exc}") from exc
+    with image:
+        if image.format not in JPEG_FORMATS:
+            raise PermanentError(RejectionCode.UNSUPPORTED_FORMAT, f"{image.format} image, not JPEG")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise PermanentError(
+                RejectionCode.TOO_MANY_PIXELS, f"{width}x{height} is over the {max_pixels}-pixel cap"
+            )
+        facts = ImageFacts(format="JPEG", width=width, height=height, mode=image.mode)
+        _decode_fully(image)
+    return facts
+
+
+def _decode_fully(image: Image.Image) -> None:
+    try:
+        image.draft("RGB", CHECK_DECODE_SIZE)
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise PermanentError(RejectionCode.TRUNCATED, f"the JPEG stream does not decode: {exc}") from exc

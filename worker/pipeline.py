@@ -1,0 +1,123 @@
+"""The path of one image: result check -> download -> check -> score -> postprocess -> create-only result write."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from worker.contracts import ImageTask, ResultDoc, SourceRef
+from worker.errors import PermanentError
+from worker.imaging import check_image
+from worker.jobs import JobStore
+from worker.models.catalog import ModelProfile
+from worker.models.postprocess import classify
+from worker.results import (
+    ExistingResult,
+    is_current,
+    ok_result,
+    rejected_result,
+    result_blob_name,
+    result_metadata,
+)
+from worker.storage import BlobStore, ResultConflictError
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "rejected"]
+
+
+class Predictor(Protocol):
+    """Anything that scores one image: the gRPC scorer, or a fake in unit tests."""
+
+    def predict(self, image: bytes) -> dict[str, npt.NDArray[np.float32]]:
+        """The output tensors for one image."""
+        ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits and result size, from the settings."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    top_k: int
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """How one task ended: a new result written, or an existing current one found."""
+
+    status: Status
+    written: bool
+    result_blob: str
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """The per-process adapters one image needs."""
+
+    store: BlobStore
+    jobs: JobStore
+    scorer: Predictor
+    profile: ModelProfile
+    limits: Limits
+
+
+def process_image(task: ImageTask, deps: Dependencies) -> ImageOutcome:
+    """Score one image and write its one result; a redelivered task finds the current result and stops."""
+    name = result_blob_name(task.results_prefix, task.blob)
+    existing, result_etag = deps.store.existing_result(task.results_container, name)
+    if existing is not None and is_current(existing, task.etag):
+        return _already_done(task, deps, existing, name)
+    doc = score_to_result(task, deps)
+    if existing is not None and is_current(existing, doc.source.etag):
+        return _already_done(task, deps, existing, name)
+    try:
+        deps.store.write_result(
+            task.results_container, name, doc.to_json(), result_metadata(doc), replaces_etag=result_etag
+        )
+    except ResultConflictError:
+        # Another delivery of this task (or a lost reply of our own upload) wrote first: keep what is there.
+        winner, _ = deps.store.existing_result(task.results_container, name)
+        if winner is None or winner.source_etag != doc.source.etag:
+            raise
+        return _already_done(task, deps, winner, name)
+    deps.jobs.record_outcome(task.job_id, task.blob, doc.status)
+    return ImageOutcome(doc.status, written=True, result_blob=name)
+
+
+def score_to_result(task: ImageTask, deps: Dependencies) -> ResultDoc:
+    """Download, check and score the image; a PermanentError becomes a `rejected` result, anything else raises."""
+    timings: dict[str, float] = {}
+    source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
+    try:
+        started = time.perf_counter()
+        downloaded = deps.store.download(task.container, task.blob, deps.limits.max_image_bytes)
+        timings["download"] = _ms_since(started)
+        source = SourceRef(container=task.container, blob=task.blob, etag=downloaded.etag, size=downloaded.size)
+        check_image(
+            downloaded.data, max_bytes=deps.limits.max_image_bytes, max_pixels=deps.limits.max_image_pixels
+        )
+        started = time.perf_counter()
+        outputs = deps.scorer.predict(downloaded.data)
+        timings["score"] = _ms_since(started)
+        labels = classify(deps.profile, outputs, deps.limits.top_k)
+    except PermanentError as error:
+        log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+        return rejected_result(task, source, deps.profile.name, error, timings)
+    return ok_result(task, source, deps.profile.name, labels, timings)
+
+
+def _already_done(task: ImageTask, deps: Dependencies, existing: ExistingResult, name: str) -> ImageOutcome:
+    status: Status = "ok" if existing.status == "ok" else "rejected"
+    deps.jobs.record_outcome(task.job_id, task.blob, status)
+    return ImageOutcome(status, written=False, result_blob=name)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

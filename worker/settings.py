@@ -1,0 +1,93 @@
+"""The one Settings object: BLOBSCORE_* environment variables over a config file over the local stack's file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.models.catalog import DEFAULT_INPUT_NAME
+
+STACK_FILE = Path(".blobscore") / "stack.json"
+CONFIG_FILE = Path("blobscore.toml")
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything blobscore can be told; built once at the entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="BLOBSCORE_", extra="ignore", frozen=True)
+
+    # Broker and job records.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    jobs_redis_url: str | None = Field(default=None, description="Redis for job records; the broker's by default")
+    queue: str = "blobscore"
+
+    # Blob Storage: a connection string, or an account URL with an azure-identity credential.
+    blob_connection_string: SecretStr | None = None
+    blob_account_url: str | None = None
+
+    # The scoring service (Azure ML FPGA service, TF Serving, OpenVINO Model Server or the local stand-in).
+    service: str = "local"
+    scoring_address: str = "127.0.0.1"
+    scoring_port: int = 8500
+    scoring_tls: bool = False
+    scoring_ca_file: Path | None = None
+    scoring_key: SecretStr | None = None
+    scoring_service_name: str | None = None
+    scoring_model: str = "resnet50"
+    scoring_input_name: str = DEFAULT_INPUT_NAME
+    scoring_output_names: list[str] = Field(default_factory=list)
+    scoring_timeout_s: float = 10.0
+
+    # Results.
+    results_container: str | None = None
+    results_prefix: str | None = None
+    top_k: int = 5
+
+    # Input limits, checked before anything is decoded.
+    max_image_bytes: int = 16 * MiB
+    max_image_pixels: int = 80_000_000
+
+    # Worker.
+    worker_concurrency: int = 16
+    max_transient_retries: int = 30
+    retry_backoff_max_s: float = 60.0
+
+    @property
+    def jobs_url(self) -> str:
+        """Where job records live."""
+        return self.jobs_redis_url or self.broker_url
+
+    def results_prefix_for(self, service: str) -> str:
+        """The results prefix: configured, or `blobscore-results/<service>/`."""
+        return self.results_prefix if self.results_prefix is not None else f"blobscore-results/{service}/"
+
+
+def _file_layers(workdir: Path, config_file: Path | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    stack_file = workdir / STACK_FILE
+    if stack_file.is_file():
+        values.update(json.loads(stack_file.read_text("utf-8")).get("settings", {}))
+    config = config_file or _config_from_env() or workdir / CONFIG_FILE
+    if config.is_file():
+        with config.open("rb") as handle:
+            values.update(tomllib.load(handle).get("blobscore", {}))
+    return values
+
+
+def _config_from_env() -> Path | None:
+    value = os.environ.get("BLOBSCORE_CONFIG")
+    return Path(value) if value else None
+
+
+def load_settings(workdir: Path | None = None, config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the Settings: overrides > BLOBSCORE_* env > config file ([blobscore] table) > .blobscore/stack.json."""
+    from_env = Settings(**overrides)
+    explicit = {name: getattr(from_env, name) for name in from_env.model_fields_set}
+    return Settings(**{**_file_layers(workdir or Path.cwd(), config_file), **explicit})

@@ -1,0 +1,198 @@
+"""Blob Storage adapter: capped downloads, create-only result writes, listings; SDK errors become ours."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobServiceClient, ContentSettings
+
+from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
+from worker.results import ExistingResult, existing_from_metadata
+from worker.settings import Settings
+
+# Statuses worth retrying: timeouts, throttling and server-side failures.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+JSON_CONTENT = ContentSettings(content_type="application/json")
+
+
+class BlobNotFoundError(BlobscoreError):
+    """The blob (or its container) does not exist."""
+
+
+class ResultConflictError(BlobscoreError):
+    """Someone else wrote the result blob between our read and our write."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """The bytes of one source blob version."""
+
+    data: bytes
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ListedBlob:
+    """One entry of a container listing."""
+
+    name: str
+    etag: str
+    size: int
+    content_type: str | None
+
+
+def is_transient_status(status: int | None) -> bool:
+    """True for HTTP statuses that a later retry may not see again."""
+    return status is not None and status in TRANSIENT_HTTP_STATUSES
+
+
+def _status_of(exc: BlobscoreError) -> int | None:
+    cause = exc.__cause__
+    return cause.status_code if isinstance(cause, HttpResponseError) else None
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ResourceNotFoundError as exc:
+        raise BlobNotFoundError(f"{what}: not found") from exc
+    except ClientAuthenticationError as exc:
+        raise ConfigurationError(f"{what}: Blob Storage refused our credentials") from exc
+    except (ServiceRequestError, ServiceResponseError) as exc:
+        raise TransientError(f"{what}: Blob Storage unreachable ({type(exc).__name__})") from exc
+    except HttpResponseError as exc:
+        if is_transient_status(exc.status_code):
+            raise TransientError(f"{what}: Blob Storage answered {exc.status_code}") from exc
+        raise BlobscoreError(f"{what}: Blob Storage answered {exc.status_code}: {exc.reason}") from exc
+    except AzureError as exc:
+        raise TransientError(f"{what}: {type(exc).__name__}") from exc
+
+
+class BlobStore:
+    """The few Blob Storage operations blobscore needs, over one shared BlobServiceClient."""
+
+    def __init__(self, service: BlobServiceClient) -> None:
+        self._service = service
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BlobStore:
+        """A store for the configured account: connection string, or account URL + azure-identity credential."""
+        if settings.blob_connection_string is not None:
+            secret = settings.blob_connection_string.get_secret_value()
+            return cls(BlobServiceClient.from_connection_string(secret))
+        if settings.blob_account_url:
+            from azure.identity import DefaultAzureCredential
+
+            return cls(BlobServiceClient(settings.blob_account_url, credential=DefaultAzureCredential()))
+        raise ConfigurationError("set BLOBSCORE_BLOB_CONNECTION_STRING or BLOBSCORE_BLOB_ACCOUNT_URL")
+
+    def close(self) -> None:
+        """Release the HTTP session."""
+        self._service.close()
+
+    def download(self, container: str, blob: str, max_bytes: int) -> Downloaded:
+        """The blob's current bytes; one byte past the cap is fetched so an oversized blob is known without HEAD."""
+        client = self._service.get_blob_client(container, blob)
+        try:
+            with _translated(f"download {container}/{blob}"):
+                stream = client.download_blob(offset=0, length=max_bytes + 1, max_concurrency=1)
+                data = stream.readall()
+        except BlobNotFoundError as exc:
+            raise PermanentError(RejectionCode.SOURCE_MISSING, "the source blob no longer exists") from exc
+        except BlobscoreError as exc:
+            if _status_of(exc) == 416:  # Range not satisfiable: the blob is empty.
+                return Downloaded(b"", self._etag(container, blob), 0)
+            raise
+        properties = stream.properties
+        size = int(properties.size)
+        if len(data) > max_bytes:
+            raise PermanentError(RejectionCode.TOO_LARGE, f"over the {max_bytes}-byte cap")
+        return Downloaded(data, str(properties.etag), size)
+
+    def _etag(self, container: str, blob: str) -> str:
+        with _translated(f"properties of {container}/{blob}"):
+            return str(self._service.get_blob_client(container, blob).get_blob_properties().etag)
+
+    def existing_result(self, container: str, name: str) -> tuple[ExistingResult | None, str | None]:
+        """The stored result's metadata and the result blob's own etag, or (None, None) when there is none."""
+        client = self._service.get_blob_client(container, name)
+        try:
+            with _translated(f"result {container}/{name}"):
+                properties = client.get_blob_properties()
+        except BlobNotFoundError:
+            return None, None
+        return existing_from_metadata(dict(properties.metadata or {})), str(properties.etag)
+
+    def write_result(
+        self, container: str, name: str, body: bytes, metadata: dict[str, str], replaces_etag: str | None
+    ) -> None:
+        """Create the result only if absent, or replace exactly the version we read; never overwrite blindly."""
+        client = self._service.get_blob_client(container, name)
+        try:
+            with _translated(f"write result {container}/{name}"):
+                if replaces_etag is None:
+                    client.upload_blob(
+                        body, metadata=metadata, content_settings=JSON_CONTENT, overwrite=False
+                    )
+                else:
+                    client.upload_blob(
+                        body, metadata=metadata, content_settings=JSON_CONTENT, overwrite=True,
+                        etag=replaces_etag, match_condition=MatchConditions.IfNotModified,
+                    )
+        except BlobscoreError as exc:
+            if isinstance(exc.__cause__, ResourceExistsError | ResourceModifiedError):
+                raise ResultConflictError(f"{container}/{name} was written by someone else") from exc
+            raise
+
+    def read(self, container: str, name: str) -> bytes:
+        """A whole (small) blob, e.g. a result document."""
+        with _translated(f"read {container}/{name}"):
+            return self._service.get_blob_client(container, name).download_blob(max_concurrency=1).readall()
+
+    def list_blobs(self, container: str, prefix: str | None) -> Iterator[ListedBlob]:
+        """Every blob under `prefix`, with the properties a task needs."""
+        client = self._service.get_container_client(container)
+        with _translated(f"list {container}/{prefix or ''}"):
+            for item in client.list_blobs(name_starts_with=prefix or None):
+                content_type = item.content_settings.content_type if item.content_settings else None
+                yield ListedBlob(item.name, str(item.etag), int(item.size or 0), content_type)
+
+    def list_metadata(self, container: str, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
+        """(name, metadata) of every blob under `prefix`, in one listing rather than one request per blob."""
+        client = self._service.get_container_client(container)
+        with _translated(f"list {container}/{prefix}"):
+            for item in client.list_blobs(name_starts_with=prefix, include=["metadata"]):
+                yield item.name, dict(item.metadata or {})
+
+    def upload(self, container: str, name: str, data: bytes, content_type: str | None = None) -> str:
+        """Write a blob (overwriting), returning its new etag: for samples and tests, not for results."""
+        settings = ContentSettings(content_type=content_type) if content_type else None
+        with _translated(f"upload {container}/{name}"):
+            reply = self._service.get_blob_client(container, name).upload_blob(
+                data, overwrite=True, content_settings=settings
+            )
+            return str(reply["etag"])
+
+    def ensure_container(self, container: str) -> None:
+        """Create the container if it does not exist."""
+        try:
+            with _translated(f"create container {container}"):
+                self._service.create_container(container)
+        except BlobscoreError as exc:
+            if not isinstance(exc.__cause__, ResourceExistsError):
+                raise
