@@ -41,7 +41,9 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
 def _decode_checked(data: bytes, max_pixels: int) -> ImageFacts:
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise PermanentError(RejectionCode.TOO_MANY_PIXELS, f"the header claims too many pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
         raise PermanentError(RejectionCode.NOT_AN_IMAGE, "the bytes are not an image Pillow can identify") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise PermanentError(RejectionCode.NOT_AN_IMAGE, f"unreadable image header: {exc}") from exc

@@ -1,0 +1,43 @@
+# The two commands: `make demo` (the whole job on the local stack) and `make test` (lint, types, every test).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test install node stack-down lint bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+node_modules/.bin/azurite-blob: package.json
+	npm install --no-save --no-package-lock --no-audit --no-fund --loglevel=error
+	touch $@
+
+node: node_modules/.bin/azurite-blob
+
+demo: install node
+	$(BIN)/blobscore stack up
+	$(BIN)/blobscore demo --container demo
+	@echo "The local stack keeps running in the background; stop it with: make stack-down"
+
+stack-down:
+	$(BIN)/blobscore stack down
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install node lint
+	$(BIN)/pytest
+
+bench: install node
+	$(BIN)/python bench/standin_latency.py
+
+clean:
+	rm -rf $(VENV) node_modules .blobscore

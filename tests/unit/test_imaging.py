@@ -1,0 +1,65 @@
+"""The image check: real JPEG bytes pass; everything else gets a specific rejection code."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.errors import PermanentError, RejectionCode
+from worker.imaging import check_image
+
+LIMITS = {"max_bytes": 16 * 1024 * 1024, "max_pixels": 80_000_000}
+
+
+def _encode(fmt: str, size: tuple[int, int] = (320, 240), mode: str = "RGB", **options: object) -> bytes:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _code(data: bytes, **limits: int) -> RejectionCode:
+    with pytest.raises(PermanentError) as caught:
+        check_image(data, **{**LIMITS, **limits})
+    return caught.value.code
+
+
+def test_good_jpegs_pass() -> None:
+    facts = check_image(_encode("JPEG"), **LIMITS)
+    assert (facts.format, facts.width, facts.height) == ("JPEG", 320, 240)
+    assert check_image(_encode("JPEG", mode="L"), **LIMITS).mode == "L"
+    assert check_image(_encode("JPEG", mode="CMYK"), **LIMITS).mode == "CMYK"
+    assert check_image(_encode("JPEG", progressive=True), **LIMITS).width == 320
+
+
+def test_empty_and_oversized_bytes() -> None:
+    assert _code(b"") is RejectionCode.EMPTY
+    assert _code(_encode("JPEG"), max_bytes=100) is RejectionCode.TOO_LARGE
+
+
+def test_not_an_image() -> None:
+    assert _code(b"this is a text file named photo.jpg\n") is RejectionCode.NOT_AN_IMAGE
+
+
+def test_other_formats_renamed_jpg_are_unsupported() -> None:
+    assert _code(_encode("PNG")) is RejectionCode.UNSUPPORTED_FORMAT
+    assert _code(_encode("GIF")) is RejectionCode.UNSUPPORTED_FORMAT
+
+
+def test_truncated_jpeg() -> None:
+    data = _encode("JPEG", size=(640, 480))
+    assert _code(data[: len(data) // 2]) is RejectionCode.TRUNCATED
+
+
+def test_pixel_cap_is_checked_from_the_header() -> None:
+    assert _code(_encode("JPEG", size=(400, 300)), max_pixels=100_000) is RejectionCode.TOO_MANY_PIXELS
+
+
+def test_header_claiming_60000_by_60000_is_rejected_before_decoding() -> None:
+    data = bytearray(_encode("JPEG", size=(16, 16)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    assert _code(bytes(data)) is RejectionCode.TOO_MANY_PIXELS

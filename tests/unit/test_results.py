@@ -1,0 +1,64 @@
+"""Result naming, the schema v1 document and what makes a stored result current."""
+
+import json
+
+from worker.contracts import RESULT_SCHEMA, ImageTask, ResultDoc, SourceRef
+from worker.errors import PermanentError, RejectionCode
+from worker.models.classification import Label
+from worker.results import (
+    ExistingResult,
+    existing_from_metadata,
+    is_current,
+    ok_result,
+    rejected_result,
+    result_blob_name,
+    result_metadata,
+    source_blob_name,
+)
+
+TASK = ImageTask(
+    job_id="j1", container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234, service="local",
+    results_container="photos", results_prefix="blobscore-results/local/",
+)
+SOURCE = SourceRef(container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234)
+
+
+def test_result_name_is_deterministic_and_reversible() -> None:
+    name = result_blob_name("blobscore-results/local/", "2024/cat.jpg")
+    assert name == "blobscore-results/local/2024/cat.jpg.json"
+    assert source_blob_name("blobscore-results/local/", name) == "2024/cat.jpg"
+    assert source_blob_name("blobscore-results/other/", name) is None
+    assert source_blob_name("blobscore-results/local/", "blobscore-results/local/x.txt") is None
+
+
+def test_ok_document_has_schema_v1_fields() -> None:
+    doc = ok_result(TASK, SOURCE, "resnet50", [Label(285, "Egyptian cat", 0.37)], {"download": 1.23456})
+    body = json.loads(doc.to_json())
+    assert list(body)[0] == "schema"
+    assert body["schema"] == RESULT_SCHEMA
+    assert body["status"] == "ok"
+    assert body["source"] == {"container": "photos", "blob": "2024/cat.jpg", "etag": '"0x1"', "size": 1234}
+    assert body["service"] == {"name": "local", "model": "resnet50"}
+    assert body["labels"] == [{"class_id": 285, "label": "Egyptian cat", "score": 0.37}]
+    assert "error" not in body
+    assert body["timings_ms"] == {"download": 1.235}
+    assert body["scored_at"].endswith("Z")
+    assert ResultDoc.from_json(doc.to_json()) == doc
+
+
+def test_rejected_document_carries_the_code() -> None:
+    error = PermanentError(RejectionCode.TRUNCATED, "the JPEG stream does not decode")
+    body = json.loads(rejected_result(TASK, SOURCE, "resnet50", error, {}).to_json())
+    assert body["status"] == "rejected"
+    assert body["error"] == {"code": "truncated", "message": "the JPEG stream does not decode"}
+    assert "labels" not in body
+
+
+def test_metadata_round_trip_and_currency() -> None:
+    doc = rejected_result(TASK, SOURCE, "resnet50", PermanentError(RejectionCode.EMPTY, "empty"), {})
+    existing = existing_from_metadata(result_metadata(doc))
+    assert existing == ExistingResult(source_etag='"0x1"', status="rejected", code="empty", job_id="j1")
+    assert is_current(existing, '"0x1"')
+    assert not is_current(existing, '"0x2"')
+    assert not is_current(None, '"0x1"')
+    assert existing_from_metadata({"unrelated": "x"}) is None
