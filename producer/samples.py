@@ -31,9 +31,9 @@ def _skimage(name: str) -> Callable[[], bytes]:
 def _grace_hopper() -> bytes:
     from matplotlib import cbook
 
-    with cbook.get_sample_data("grace_hopper.jpg") as handle:
-        data: bytes = handle.read()
-    return data
+    path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 SAMPLES: dict[str, Callable[[], bytes]] = {

@@ -14,7 +14,6 @@ from worker.errors import ConfigurationError, PermanentError, RejectionCode, Tra
 from worker.models.catalog import ModelProfile
 from worker.settings import Settings
 
-ROUTE_HEADER = "x-ms-aml-grpc-service-route"
 TRANSIENT_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -46,16 +45,6 @@ _SERVICE_CONFIG = json.dumps({
     }]
 })
 _RESPONSE_LIMIT = 64 * 1024 * 1024
-
-
-def call_metadata(key: str | None, service_name: str | None) -> tuple[tuple[str, str], ...]:
-    """The FPGA service's call metadata: a Bearer key and the service route, each only when configured."""
-    metadata: list[tuple[str, str]] = []
-    if key:
-        metadata.append(("authorization", f"Bearer {key}"))
-    if service_name:
-        metadata.append((ROUTE_HEADER, f"/api/v1/service/{service_name}"))
-    return tuple(metadata)
 
 
 def error_for_status(code: grpc.StatusCode, details: str) -> Exception:
@@ -110,14 +99,13 @@ class Scorer:
             open_channel(settings),
             profile,
             input_name=settings.scoring_input_name,
-            metadata=call_metadata(key, settings.scoring_service_name),
+            metadata=wire.call_metadata(key, settings.scoring_service_name),
             timeout_s=settings.scoring_timeout_s,
         )
 
     def predict(self, image: bytes) -> dict[str, npt.NDArray[np.float32]]:
         """The profile's output tensors for one image (batch dimension kept), in one request under the deadline."""
-        request = wire.PredictRequest()
-        request.inputs[self._input_name].CopyFrom(wire.string_input(image))
+        request = wire.image_request(image, self._input_name)
         try:
             response = self._predict(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:

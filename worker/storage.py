@@ -55,6 +55,11 @@ class ListedBlob:
     content_type: str | None
 
 
+def normalize_etag(etag: object) -> str:
+    """One spelling of an etag: the SDK quotes them in properties but not in listings."""
+    return str(etag).strip('"')
+
+
 def is_transient_status(status: int | None) -> bool:
     """True for HTTP statuses that a later retry may not see again."""
     return status is not None and status in TRANSIENT_HTTP_STATUSES
@@ -122,11 +127,11 @@ class BlobStore:
         size = int(properties.size)
         if len(data) > max_bytes:
             raise PermanentError(RejectionCode.TOO_LARGE, f"over the {max_bytes}-byte cap")
-        return Downloaded(data, str(properties.etag), size)
+        return Downloaded(data, normalize_etag(properties.etag), size)
 
     def _etag(self, container: str, blob: str) -> str:
         with _translated(f"properties of {container}/{blob}"):
-            return str(self._service.get_blob_client(container, blob).get_blob_properties().etag)
+            return normalize_etag(self._service.get_blob_client(container, blob).get_blob_properties().etag)
 
     def existing_result(self, container: str, name: str) -> tuple[ExistingResult | None, str | None]:
         """The stored result's metadata and the result blob's own etag, or (None, None) when there is none."""
@@ -170,7 +175,7 @@ class BlobStore:
         with _translated(f"list {container}/{prefix or ''}"):
             for item in client.list_blobs(name_starts_with=prefix or None):
                 content_type = item.content_settings.content_type if item.content_settings else None
-                yield ListedBlob(item.name, str(item.etag), int(item.size or 0), content_type)
+                yield ListedBlob(item.name, normalize_etag(item.etag), int(item.size or 0), content_type)
 
     def list_metadata(self, container: str, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
         """(name, metadata) of every blob under `prefix`, in one listing rather than one request per blob."""
@@ -186,7 +191,7 @@ class BlobStore:
             reply = self._service.get_blob_client(container, name).upload_blob(
                 data, overwrite=True, content_settings=settings
             )
-            return str(reply["etag"])
+            return normalize_etag(reply["etag"])
 
     def ensure_container(self, container: str) -> None:
         """Create the container if it does not exist."""

@@ -7,7 +7,8 @@ import pytest
 
 from worker.errors import ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.retry import backoff_delay, should_retry
-from worker.scoring import call_metadata, error_for_status
+from worker.scoring import error_for_status
+from worker.wire import call_metadata
 
 
 @pytest.mark.parametrize(
