@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 TASK_NAME = "blobscore.score_image"
 RESULT_SCHEMA = "blobscore.result/v1"
+
+
+def normalize_etag(etag: object) -> str:
+    """One spelling of an etag: Blob Storage quotes them in properties but not in listings."""
+    return str(etag).strip('"')
 
 
 class ImageTask(BaseModel):
@@ -24,6 +29,11 @@ class ImageTask(BaseModel):
     service: str
     results_container: str
     results_prefix: str
+
+    @field_validator("etag", mode="before")
+    @classmethod
+    def _one_etag_spelling(cls, value: object) -> str:
+        return normalize_etag(value)
 
     def to_message(self) -> dict[str, Any]:
         """The JSON-able body of the Celery message."""

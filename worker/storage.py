@@ -19,6 +19,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobServiceClient, ContentSettings
 
+from worker.contracts import normalize_etag
 from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.results import ExistingResult, existing_from_metadata
 from worker.settings import Settings
@@ -53,11 +54,6 @@ class ListedBlob:
     etag: str
     size: int
     content_type: str | None
-
-
-def normalize_etag(etag: object) -> str:
-    """One spelling of an etag: the SDK quotes them in properties but not in listings."""
-    return str(etag).strip('"')
 
 
 def is_transient_status(status: int | None) -> bool:

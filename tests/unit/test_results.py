@@ -34,7 +34,7 @@ def test_result_name_is_deterministic_and_reversible() -> None:
 def test_ok_document_has_schema_v1_fields() -> None:
     doc = ok_result(TASK, SOURCE, "resnet50", [Label(285, "Egyptian cat", 0.37)], {"download": 1.23456})
     body = json.loads(doc.to_json())
-    assert list(body)[0] == "schema"
+    assert next(iter(body)) == "schema"
     assert body["schema"] == RESULT_SCHEMA
     assert body["status"] == "ok"
     assert body["source"] == {"container": "photos", "blob": "2024/cat.jpg", "etag": '"0x1"', "size": 1234}
@@ -62,3 +62,9 @@ def test_metadata_round_trip_and_currency() -> None:
     assert not is_current(existing, '"0x2"')
     assert not is_current(None, '"0x1"')
     assert existing_from_metadata({"unrelated": "x"}) is None
+
+
+def test_task_etags_have_one_spelling() -> None:
+    quoted = ImageTask.from_message({**TASK.to_message(), "etag": '"0x8DD"'})
+    assert quoted.etag == "0x8DD"
+    assert is_current(ExistingResult("0x8DD", "ok", None, "j"), quoted.etag)
