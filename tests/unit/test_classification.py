@@ -40,7 +40,8 @@ def test_top_k_names_and_order() -> None:
     scores = np.zeros(1000, dtype=np.float32)
     scores[285], scores[281], scores[967] = 0.6, 0.3, 0.1
     labels = top_k(scores, class_names(LabelSet.IMAGENET_1K), 3)
-    assert [(label.class_id, label.label) for label in labels] == [(285, "Egyptian cat"), (281, "tabby"), (967, "espresso")]
+    named = [(label.class_id, label.label) for label in labels]
+    assert named == [(285, "Egyptian cat"), (281, "tabby"), (967, "espresso")]
     assert labels[0].score == pytest.approx(0.6)
 
 
