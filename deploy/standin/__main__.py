@@ -1,0 +1,5 @@
+"""`python -m deploy.standin`: run the stand-in scoring server."""
+
+from deploy.standin.cli import main
+
+main()
