@@ -206,7 +206,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def test_a_good_request_is_answered_with_the_profile_output(
     guarded: StandinProcess, channels: dict[str, grpc.Channel], jpeg: bytes
 ) -> None:
+    started = time.monotonic()
     response = predict(channel_to(channels, guarded), wire.image_request(jpeg, INPUT), GOOD_METADATA)
+    assert time.monotonic() - started >= 0.02  # --emulate-latency-ms 20
     assert list(response.outputs) == [RESNET50_OUTPUT]
     got = scores(response)
     np.testing.assert_array_equal(got, emulated_probabilities(jpeg))
@@ -395,6 +397,13 @@ def test_health_service_reports_serving(guarded: StandinProcess, channels: dict[
     with pytest.raises(grpc.RpcError) as unknown:
         stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT_S)
     assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_no_model_mode_never_loads_onnxruntime(guarded: StandinProcess) -> None:
+    maps = Path(f"/proc/{guarded.process.pid}/maps").read_text()
+    assert "libgrpc" in maps or "cygrpc" in maps  # the check does see the server's shared libraries
+    assert "onnxruntime" not in maps
+    assert "onnxruntime" not in guarded.log()
 
 
 def test_the_key_never_shows_in_logs_or_the_command_line(guarded: StandinProcess) -> None:
@@ -597,6 +606,7 @@ def test_real_model_finds_the_cat_and_the_espresso(
         assert (probabilities >= 0).all()
     metadata = get_metadata(channel)
     assert EMULATION_METADATA_FIELD not in metadata.metadata
+    assert "onnxruntime" in Path(f"/proc/{real_resnet50.process.pid}/maps").read_text()
 
 
 @pytest.mark.model
