@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from deploy.local.procs import ManagedProcess
+from deploy.local.procs import ManagedProcess, ProcessExitedError, stopped_on_failure
 
 AZURITE_ACCOUNT = "devstoreaccount1"
 # Azurite's documented, public development key: not a secret.
@@ -100,9 +100,9 @@ def start_azurite(
     if not access_log:
         argv.append("--silent")
     process = ManagedProcess.start(argv, log, cwd=location or log.parent)
-    try:
-        process.wait_for_port("127.0.0.1", port, START_TIMEOUT_S, "Azurite")
-    except (TimeoutError, RuntimeError) as exc:
-        process.stop()
-        raise AzuriteUnavailableError(str(exc)) from exc
+    with stopped_on_failure(process):
+        try:
+            process.wait_for_port("127.0.0.1", port, START_TIMEOUT_S, "Azurite")
+        except (TimeoutError, ProcessExitedError) as exc:
+            raise AzuriteUnavailableError(str(exc)) from exc
     return process

@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 _POLL_S = 0.05
@@ -59,6 +59,19 @@ def wait_for_tcp(host: str, port: int, timeout: float, what: str) -> None:
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what} did not answer on {host}:{port} within {timeout:g} s")
         time.sleep(_POLL_S)
+
+
+@contextlib.contextmanager
+def stopped_on_failure(process: ManagedProcess) -> Iterator[ManagedProcess]:
+    """Stop `process` if the block raises anything, Ctrl-C included.
+
+    A half-started service must not linger where no pid file records it.
+    """
+    try:
+        yield process
+    except BaseException:
+        process.stop()
+        raise
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from deploy.local.procs import ManagedProcess, tcp_answers
+from deploy.local.procs import ManagedProcess, stopped_on_failure, tcp_answers
 
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 DEFAULT_REDIS_PORT = 6379
@@ -76,16 +76,20 @@ def start_redis(port: int, workdir: Path, appendonly: bool = False) -> ManagedPr
         "--logfile", "",
     ]  # fmt: skip
     process = ManagedProcess.start(argv, workdir / f"redis-{port}.log", cwd=workdir)
+    with stopped_on_failure(process):
+        _wait_until_it_answers(process, port)
+    return process
+
+
+def _wait_until_it_answers(process: ManagedProcess, port: int) -> None:
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + START_TIMEOUT_S
     while not redis_answers(url):
         if not process.alive():
             raise RedisUnavailableError(f"redis-server exited on start:\n{process.log_tail()}")
         if time.monotonic() >= deadline:
-            process.stop()
             raise RedisUnavailableError(f"redis-server did not answer on port {port}:\n{process.log_tail()}")
         time.sleep(0.05)
-    return process
 
 
 def ensure_redis(url: str, workdir: Path, *, appendonly: bool = False) -> ManagedProcess | None:

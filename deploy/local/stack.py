@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from deploy.local.azurite import AzuriteUnavailableError, connection_string, start_azurite
-from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port, port_is_free
+from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port, port_is_free, stopped_on_failure
 from deploy.local.redis_local import RedisUnavailableError, ensure_redis, redis_answers
 
 PieceName = Literal["redis", "azurite", "standin", "worker"]
@@ -265,12 +265,9 @@ def _start_standin(settings: StackSettings, paths: StackPaths) -> Piece:
     process = ManagedProcess.start(
         argv, paths.log("standin"), env=_child_env({STANDIN_KEY_ENV: key}), cwd=paths.workdir
     )
-    try:
+    with stopped_on_failure(process):
         process.wait_for_log(r"listening on \S+:\d+", STANDIN_START_TIMEOUT_S)
         process.wait_for_port(LOCAL_HOST, port, 30.0, "the stand-in scorer")
-    except (ProcessExitedError, TimeoutError):
-        process.stop()
-        raise
     settings.scoring_address = LOCAL_HOST
     settings.scoring_port = port
     settings.scoring_key = key
@@ -282,13 +279,8 @@ def _start_standin(settings: StackSettings, paths: StackPaths) -> Piece:
 def _start_worker(settings: StackSettings, paths: StackPaths) -> Piece:
     argv = [sys.executable, "-m", "worker"]
     process = ManagedProcess.start(argv, paths.log("worker"), env=_child_env(settings.as_env()), cwd=paths.workdir)
-    try:
+    with stopped_on_failure(process), contextlib.suppress(TimeoutError):  # alive all along is good enough
         process.wait_for_log(r"\bready\b", WORKER_SETTLE_S)
-    except TimeoutError:
-        pass  # alive all along: good enough, see WORKER_SETTLE_S
-    except ProcessExitedError:
-        process.stop()
-        raise
     return _piece("worker", process)
 
 

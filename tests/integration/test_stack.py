@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
+from PIL import Image
 
 from deploy.local import stack
 from deploy.local.procs import ManagedProcess, free_port, tcp_answers
@@ -20,11 +24,6 @@ from deploy.local.stack import StackError, StackSettings, StackStatus
 
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"
 REDIS_AND_AZURITE: tuple[stack.PieceName, ...] = ("redis", "azurite")
-
-# TODO(stack): cover "standin" and "worker" here once `python -m deploy.standin` and `python -m worker` land:
-# `stack.up(workdir)` with all pieces, then check status (scoring_address/port set, key masked), that the
-# worker's log shows it connected, a second `up` keeps all four pids, and `down` stops worker, standin, azurite.
-
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
@@ -219,3 +218,57 @@ def test_fixtures_give_working_services(redis_url: str, blob_service: BlobServic
     container = blob_service.get_container_client(tmp_container)
     container.upload_blob("x.jpg", b"bytes")
     assert [blob.name for blob in container.list_blobs()] == ["x.jpg"]
+
+
+def _blobscore(workdir: Path, *args: str) -> dict[str, object]:
+    """`blobscore ARGS --json` run in `workdir` with no BLOBSCORE_* variables: settings come from the stack."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BLOBSCORE_")}
+    argv = [sys.executable, "-m", "producer.cli", *args, "--json"]
+    done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def _a_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.timeout(300)  # the stand-in's first start builds its model
+def test_full_stack_scores_an_image_for_commands_run_in_its_directory(workdir: Path) -> None:
+    # A Redis of the stack's own on a free port, so its worker takes no task queued by other tests.
+    broker_url = f"redis://127.0.0.1:{free_port()}/0"
+    report = stack.up(workdir, broker_url=broker_url)
+
+    assert report.running
+    assert [piece.name for piece in report.pieces] == ["redis", "azurite", "standin", "worker"]
+    assert all(piece.started_by_us for piece in report.pieces)
+    settings = report.settings
+    assert settings is not None
+    assert settings.scoring_key == "***"
+    assert settings.scoring_address == "127.0.0.1"
+    assert settings.scoring_port is not None
+    assert tcp_answers("127.0.0.1", settings.scoring_port)
+    key_file = workdir / ".blobscore" / "standin.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    stored = json.loads((workdir / ".blobscore" / "stack.json").read_text())
+    assert stored["settings"]["scoring_key"] == key_file.read_text().strip()
+
+    assert stack.up(workdir).pieces == report.pieces  # idempotent with every piece
+
+    assert settings.blob_connection_string is not None
+    with BlobServiceClient.from_connection_string(settings.blob_connection_string) as client:
+        client.create_container("photos").upload_blob("one.jpg", _a_jpeg())
+    job_id = _blobscore(workdir, "enqueue", "--container", "photos")["job_id"]
+    assert isinstance(job_id, str)
+    deadline = time.monotonic() + 120
+    while (job := _blobscore(workdir, "status", job_id))["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (job["state"], job["ok"], job["rejected"]) == ("done", 1, 0)
+
+    pids = [piece.pid for piece in report.pieces if piece.pid is not None]
+    assert stack.down(workdir) == ["worker", "standin", "azurite", "redis"]
+    assert not any(ManagedProcess.attach(pid, workdir / "unused.log").alive() for pid in pids)
+    assert not redis_answers(broker_url)

@@ -15,6 +15,7 @@ from deploy.local.procs import (
     free_port,
     port_is_free,
     process_start_ticks,
+    stopped_on_failure,
     wait_for_tcp,
 )
 
@@ -138,5 +139,23 @@ def test_a_reused_pid_is_neither_alive_nor_signalled(tmp_path: Path, started: li
     assert not impostor.alive()
     impostor.stop(timeout=1)
     impostor.kill()
+
+    assert process.alive()
+
+
+def test_stopped_on_failure_stops_the_process_and_reraises(tmp_path: Path, started: list[ManagedProcess]) -> None:
+    process = _start(started, "sleep 300", tmp_path / "p.log")
+
+    with pytest.raises(KeyboardInterrupt), stopped_on_failure(process):
+        raise KeyboardInterrupt
+
+    assert not process.alive()
+
+
+def test_stopped_on_failure_leaves_a_good_start_running(tmp_path: Path, started: list[ManagedProcess]) -> None:
+    process = _start(started, "sleep 300", tmp_path / "p.log")
+
+    with stopped_on_failure(process):
+        pass
 
     assert process.alive()
