@@ -28,12 +28,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         # One message reserved per thread: a crashed worker strands as few images as possible.
         "worker_prefetch_multiplier": 1,
-        # Unacked messages come back after this long; longer than any task run (deadline-bounded) plus countdown.
-        "broker_transport_options": {"visibility_timeout": 300},
+        # Unacked messages come back after this long: longer than any task run (every call has a deadline) plus
+        # the longest retry countdown (capped below it), short enough that a killed worker's images return soon.
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
-        # A hung task is interrupted rather than holding its message forever.
-        "task_soft_time_limit": settings.scoring_timeout_s * 4 + 30,
-        "task_time_limit": settings.scoring_timeout_s * 4 + 60,
+        "broker_connection_max_retries": None,
+        # A hung task is interrupted rather than holding its message forever. Celery enforces these in the
+        # prefork pool; in the thread pool the per-call deadlines (gRPC, Blob, Redis) bound each task instead.
+        "task_soft_time_limit": settings.task_time_limit_s - 10,
+        "task_time_limit": settings.task_time_limit_s,
+        # Failures are handled inside the task (retry or an error record); these only matter for a bug.
+        "task_acks_on_failure_or_timeout": True,
+        # Soft shutdown: on TERM, running tasks get this long to finish before the cold shutdown requeues them.
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout_s,
+        "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,

@@ -19,6 +19,7 @@ class RejectionCode(StrEnum):
     BAD_MODEL_OUTPUT = "bad_model_output"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    INTERNAL_ERROR = "internal_error"
 
 
 class BlobscoreError(Exception):

@@ -40,7 +40,7 @@ class ExistingResult:
 
 
 # Rejections that say nothing about the image itself: a later run should try it again.
-RETRYABLE_REJECTION_CODES = frozenset({"too_many_attempts", "retries_exhausted"})
+RETRYABLE_REJECTION_CODES = frozenset({"retries_exhausted", "internal_error"})
 
 
 def is_current(existing: ExistingResult | None, source_etag: str) -> bool:

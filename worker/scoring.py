@@ -14,10 +14,13 @@ from worker.errors import ConfigurationError, PermanentError, RejectionCode, Tra
 from worker.models.catalog import ModelProfile
 from worker.settings import Settings
 
-TRANSIENT_CODES = frozenset({
+# Outage-like statuses: they feed the circuit breaker as well as the retry policy.
+OUTAGE_CODES = frozenset({
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # the FPGA service's throttling
+})
+TRANSIENT_CODES = frozenset({
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,
@@ -47,8 +50,14 @@ _SERVICE_CONFIG = json.dumps({
 _RESPONSE_LIMIT = 64 * 1024 * 1024
 
 
+class ScoringUnavailableError(TransientError):
+    """The scoring service is down, overloaded or too slow: retry later, and count it for the circuit breaker."""
+
+
 def error_for_status(code: grpc.StatusCode, details: str) -> Exception:
     """Our error for a gRPC status: transient (retry), configuration (fix settings) or permanent (reject)."""
+    if code in OUTAGE_CODES:
+        return ScoringUnavailableError(f"scoring service {code.name}: {details}")
     if code in TRANSIENT_CODES:
         return TransientError(f"scoring service {code.name}: {details}")
     if code in CONFIGURATION_CODES:

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.models.catalog import DEFAULT_INPUT_NAME
@@ -58,6 +58,30 @@ class Settings(BaseSettings):
     worker_concurrency: int = 16
     max_transient_retries: int = 30
     retry_backoff_max_s: float = 60.0
+    # Unacked messages come back after this long; must exceed a task's run plus the longest retry countdown.
+    visibility_timeout_s: int = 300
+    # Starts of one image that never finished (worker killed or hung) before it is rejected as a poison pill.
+    max_crash_attempts: int = 3
+    breaker_failure_threshold: int = 10
+    breaker_open_s: float = 10.0
+    soft_shutdown_timeout_s: float = 10.0
+
+    @property
+    def task_time_limit_s(self) -> float:
+        """The longest one task may run: its download, Predict and upload calls each have a deadline."""
+        return self.scoring_timeout_s * 3 + 30
+
+    @model_validator(mode="after")
+    def _countdowns_fit_the_visibility_timeout(self) -> Settings:
+        # A countdown or a run longer than the visibility timeout would have the broker redeliver the message
+        # while it is still held: the image would be scored twice at once.
+        longest = max(self.retry_backoff_max_s, self.breaker_open_s * 2) + self.task_time_limit_s
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must exceed the longest retry countdown "
+                f"plus a task's time limit ({longest:.0f} s)"
+            )
+        return self
 
     @property
     def jobs_url(self) -> str:

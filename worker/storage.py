@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -17,7 +18,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobServiceClient, ContentSettings
+from azure.storage.blob import BlobServiceClient, ContentSettings, ExponentialRetry
 
 from worker.contracts import normalize_etag
 from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
@@ -27,6 +28,18 @@ from worker.settings import Settings
 # Statuses worth retrying: timeouts, throttling and server-side failures.
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 JSON_CONTENT = ContentSettings(content_type="application/json")
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 30
+
+
+def _client_options() -> dict[str, Any]:
+    # The SDK's default retry waits 15 s, then 18 s, then 42 s inside one call; our task-level policy retries
+    # with backoff and jitter already, so the SDK only smooths over a blip, quickly.
+    return {
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=2),
+        "connection_timeout": CONNECT_TIMEOUT_S,
+        "read_timeout": READ_TIMEOUT_S,
+    }
 
 
 class BlobNotFoundError(BlobscoreError):
@@ -95,11 +108,13 @@ class BlobStore:
         """A store for the configured account: connection string, or account URL + azure-identity credential."""
         if settings.blob_connection_string is not None:
             secret = settings.blob_connection_string.get_secret_value()
-            return cls(BlobServiceClient.from_connection_string(secret))
+            return cls(BlobServiceClient.from_connection_string(secret, **_client_options()))
         if settings.blob_account_url:
             from azure.identity import DefaultAzureCredential
 
-            return cls(BlobServiceClient(settings.blob_account_url, credential=DefaultAzureCredential()))
+            return cls(BlobServiceClient(
+                settings.blob_account_url, credential=DefaultAzureCredential(), **_client_options()
+            ))
         raise ConfigurationError("set BLOBSCORE_BLOB_CONNECTION_STRING or BLOBSCORE_BLOB_ACCOUNT_URL")
 
     def close(self) -> None:

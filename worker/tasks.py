@@ -1,22 +1,28 @@
-"""The image task: thin — validate the contract, run the pipeline, apply the retry policy."""
+"""The image task: thin — validate the contract, guard against poison pills and outages, run the pipeline."""
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Retry
 from pydantic import ValidationError
 
+from worker.breaker import CircuitOpenError
 from worker.contracts import TASK_NAME, ImageTask, SourceRef
 from worker.errors import PermanentError, RejectionCode
 from worker.pipeline import process_image
 from worker.results import rejected_result, result_blob_name, result_metadata
 from worker.retry import backoff_delay, should_retry
-from worker.runtime import ProcessResources
+from worker.runtime import ProcessResources, WorkerResources
+from worker.scoring import ScoringUnavailableError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+# An unexpected exception is probably a bug, not an outage: a few retries, then a clear error record.
+MAX_UNEXPECTED_RETRIES = 3
 
 
 def register_tasks(app: Celery, settings: Settings, resources: ProcessResources) -> None:
@@ -30,29 +36,69 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             # Nothing identifies a job to count it against: refuse loudly, never retry a malformed message.
             log.error("refused malformed task message: %s", exc.errors(include_input=False))
             return "refused"
-        deps = resources.get()
         try:
-            return process_image(task, deps).status
+            return _guarded(self, task, resources.get(), settings)
+        except Retry:
+            raise
         except Exception as exc:
-            if not should_retry(exc):
-                raise
-            attempt = int(self.request.retries)
-            if attempt >= settings.max_transient_retries:
-                return _give_up(task, resources, exc)
-            log.warning("retrying %s/%s (attempt %d): %s", task.container, task.blob, attempt + 1, exc)
-            deps.jobs.record_retry(task.job_id, task.blob)
-            raise self.retry(exc=exc, countdown=backoff_delay(attempt, settings.retry_backoff_max_s)) from exc
+            # Our own bookkeeping failed (Redis or Blob unreachable). An exception escaping here would ack or drop
+            # the message with no result, so it is always retried; if even that fails, the unacked message
+            # comes back after the visibility timeout.
+            log.warning("retrying %s/%s after a bookkeeping failure: %s", task.container, task.blob, exc)
+            raise self.retry(
+                exc=exc, countdown=backoff_delay(self.request.retries, settings.retry_backoff_max_s)
+            ) from exc
 
 
-def _give_up(task: ImageTask, resources: ProcessResources, exc: Exception) -> str:
-    """After the last retry the image gets a `rejected` result a later run will try again: never silence."""
-    deps = resources.get()
-    error = PermanentError(RejectionCode.RETRIES_EXHAUSTED, f"gave up after retries: {exc}")
-    source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
-    doc = rejected_result(task, source, deps.profile.name, error, {})
+def _guarded(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
+    """Poison-pill guard around one run: a start that never finishes (crash, hang) is counted."""
+    if worker.attempts.started(task.job_id, task.blob) > settings.max_crash_attempts:
+        log.error("poison pill %s/%s: its task never finished %d times", task.container, task.blob,
+                  settings.max_crash_attempts)
+        status = _finish_with_error(task, worker, RejectionCode.TOO_MANY_ATTEMPTS,
+                                    "scoring this image crashed or hung the worker on every attempt")
+        worker.attempts.finished(task.job_id, task.blob)
+        return status
+    try:
+        return _run(task_self, task, worker, settings)
+    finally:
+        worker.attempts.finished(task.job_id, task.blob)
+
+
+def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
+    attempt = int(task_self.request.retries)
+    try:
+        worker.breaker.check()
+        status = process_image(task, worker.deps).status
+    except CircuitOpenError as exc:
+        # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
+        worker.deps.jobs.record_retry(task.job_id, task.blob)
+        raise task_self.retry(exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s)) from exc
+    except Exception as exc:
+        if isinstance(exc, ScoringUnavailableError):
+            worker.breaker.record_failure()
+        limit = settings.max_transient_retries if should_retry(exc) else MAX_UNEXPECTED_RETRIES
+        if attempt >= limit:
+            code = RejectionCode.RETRIES_EXHAUSTED if should_retry(exc) else RejectionCode.INTERNAL_ERROR
+            log.error("giving up on %s/%s after %d attempts: %s", task.container, task.blob, attempt + 1, exc)
+            return _finish_with_error(task, worker, code, f"gave up after {attempt + 1} attempts: {exc}")
+        log.warning("retrying %s/%s (attempt %d): %s", task.container, task.blob, attempt + 1, exc)
+        worker.deps.jobs.record_retry(task.job_id, task.blob)
+        raise task_self.retry(exc=exc, countdown=backoff_delay(attempt, settings.retry_backoff_max_s)) from exc
+    worker.breaker.record_success()
+    return status
+
+
+def _finish_with_error(task: ImageTask, worker: WorkerResources, code: RejectionCode, message: str) -> str:
+    """Record an image we stop trying as `rejected` (a later run tries it again): never a silent drop."""
+    deps = worker.deps
     name = result_blob_name(task.results_prefix, task.blob)
     existing, etag = deps.store.existing_result(task.results_container, name)
     if existing is None or existing.source_etag != task.etag:
+        source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
+        doc = rejected_result(task, source, deps.profile.name, PermanentError(code, message), {})
         deps.store.write_result(task.results_container, name, doc.to_json(), result_metadata(doc), etag)
-    deps.jobs.record_outcome(task.job_id, task.blob, "rejected")
+        deps.jobs.record_outcome(task.job_id, task.blob, "rejected")
+    else:
+        deps.jobs.record_outcome(task.job_id, task.blob, "ok" if existing.status == "ok" else "rejected")
     return "rejected"

@@ -1,0 +1,83 @@
+"""A circuit breaker per scoring service, shared by every worker through Redis, so they back off together."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+
+from worker.errors import TransientError
+
+KEY_PREFIX = "blobscore:breaker:"
+# Failures are counted in a sliding-ish window: the counter expires this long after the first failure.
+FAILURE_WINDOW_S = 10
+# The local copy of the shared state is refreshed at most this often: one Redis read per process, not per image.
+LOCAL_CACHE_S = 0.5
+
+
+class CircuitOpenError(TransientError):
+    """The scoring service failed repeatedly: nobody calls it until the breaker closes again."""
+
+    def __init__(self, service: str, remaining_s: float) -> None:
+        super().__init__(f"circuit open for service {service!r} for {remaining_s:.1f} s more")
+        self.remaining_s = remaining_s
+
+
+class CircuitBreaker:
+    """Opens after `threshold` outage-like failures within a window; stays open `open_s`; then lets calls probe."""
+
+    def __init__(self, client: redis.Redis, service: str, *, threshold: int, open_s: float) -> None:
+        self._redis = client
+        self._service = service
+        self._threshold = threshold
+        self._open_s = open_s
+        self._lock = threading.Lock()
+        self._open_until = 0.0
+        self._checked_at = 0.0
+        self._failures_seen = False
+
+    def check(self) -> None:
+        """Raise CircuitOpenError while the breaker is open (state cached briefly per process)."""
+        now = time.time()
+        if now - self._checked_at > LOCAL_CACHE_S:
+            with self._lock:
+                try:
+                    value = self._redis.get(self._key("open_until"))
+                except redis.RedisError:
+                    value = None  # Without Redis the breaker fails open: the scorer's own errors still count.
+                self._open_until = float(value) if value else 0.0
+                self._checked_at = now
+        if self._open_until > now:
+            raise CircuitOpenError(self._service, self._open_until - now)
+
+    def record_failure(self) -> None:
+        """Count one outage-like failure; open the breaker for everyone once the threshold is reached."""
+        self._failures_seen = True
+        key = self._key("failures")
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, FAILURE_WINDOW_S, nx=True)
+            count = int(pipe.execute()[0])
+            if count >= self._threshold:
+                until = time.time() + self._open_s
+                self._redis.set(self._key("open_until"), until, ex=int(self._open_s) + 1)
+                self._redis.delete(key)
+                with self._lock:
+                    self._open_until, self._checked_at = until, time.time()
+        except redis.RedisError:
+            return
+
+    def record_success(self) -> None:
+        """Reset the failure count after a success (a Redis write only when this process saw failures)."""
+        if not self._failures_seen:
+            return
+        self._failures_seen = False
+        try:
+            self._redis.delete(self._key("failures"))
+        except redis.RedisError:
+            return
+
+    def _key(self, part: str) -> str:
+        return f"{KEY_PREFIX}{self._service}:{part}"
