@@ -136,6 +136,28 @@ def results(
 
 
 @app.command()
+def reconcile(
+    job_id: Annotated[str, typer.Argument(help="The job id enqueue printed.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report only; change nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare a job's listing with its results; re-queue every image that has neither."""
+    from producer.reconcile import reconcile as run_reconcile
+    from worker.celery_app import create_app
+
+    settings = _settings()
+    publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue)
+    report = run_reconcile(BlobStore.from_settings(settings), JobStore.from_url(settings.jobs_url), publish, job_id)
+    summary = {"job_id": report.job_id, "listed": report.listed, "finished": report.finished,
+               "counted_from_results": report.counted_from_results, "requeued": report.requeued,
+               "source_missing": report.source_missing, "dry_run": dry_run}
+    if as_json:
+        _print_json(summary)
+    else:
+        typer.echo(" ".join(f"{key}={value}" for key, value in summary.items()))
+
+
+@app.command()
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Images in flight per process (threads).")] = None,
     queue: Annotated[list[str] | None, typer.Option(help="Queue(s) to consume (default: the configured one).")] = None,

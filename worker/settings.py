@@ -65,11 +65,9 @@ class Settings(BaseSettings):
     breaker_failure_threshold: int = 10
     breaker_open_s: float = 10.0
     soft_shutdown_timeout_s: float = 10.0
+    # The longest one task may run: its download, Predict and upload calls each have a deadline well below it.
+    task_time_limit_s: float = 90.0
 
-    @property
-    def task_time_limit_s(self) -> float:
-        """The longest one task may run: its download, Predict and upload calls each have a deadline."""
-        return self.scoring_timeout_s * 3 + 30
 
     @model_validator(mode="after")
     def _countdowns_fit_the_visibility_timeout(self) -> Settings:
