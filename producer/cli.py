@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -133,6 +135,47 @@ def results(
         Console().print(exports.to_table(docs))
     else:
         raise typer.BadParameter("--format must be jsonl, csv or table")
+
+
+@app.command()
+def score(
+    files: Annotated[list[Path], typer.Argument(help="Image files; one Predict request each.")],
+    service: Annotated[str | None, typer.Option(help="A configured service (default: the configured one).")] = None,
+    address: Annotated[str | None, typer.Option(help="HOST:PORT of a scoring service, instead of --service.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model profile with --address: resnet50, ..., ssd_vgg.")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Use TLS with --address.")] = False,
+    key_env: Annotated[str | None, typer.Option(help="Environment variable holding the service key.")] = None,
+    service_name: Annotated[str | None, typer.Option(help="Azure ML service name (the route header).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON result document per line.")] = False,
+) -> None:
+    """Score local image files through a scoring service and print the result document the worker would write."""
+    from producer.score_files import describe, score_files
+
+    settings = _settings_for_scoring(service, address, model, tls, key_env, service_name)
+    for doc in score_files(files, settings):
+        typer.echo(doc.to_json().decode("utf-8") if as_json else describe(doc))
+
+
+def _settings_for_scoring(
+    service: str | None, address: str | None, model: str | None, tls: bool, key_env: str | None,
+    service_name: str | None,
+) -> Settings:
+    settings = _settings()
+    if address is None:
+        if service is not None and service != settings.service:
+            raise typer.BadParameter(f"unknown service {service!r}; configured: {settings.service!r}")
+        return settings
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise typer.BadParameter("--address must be HOST:PORT")
+    key = os.environ.get(key_env) if key_env else None
+    if key_env and key is None:
+        raise typer.BadParameter(f"environment variable {key_env} is not set")
+    return load_settings(
+        scoring_address=host.strip("[]"), scoring_port=int(port), scoring_tls=tls, scoring_key=key,
+        scoring_service_name=service_name, scoring_model=model or settings.scoring_model,
+        service=service_name or address,
+    )
 
 
 @app.command()

@@ -69,6 +69,16 @@ class LabelDoc(BaseModel):
     score: float
 
 
+class DetectionDoc(BaseModel):
+    """One detected object: box as fractions (y1, x1, y2, x2) and in pixels of the original image."""
+
+    class_id: int
+    label: str
+    score: float
+    box: list[float]
+    box_px: list[float]
+
+
 class ErrorDoc(BaseModel):
     """Why an image was rejected."""
 
@@ -85,6 +95,7 @@ class ResultDoc(BaseModel):
     source: SourceRef
     service: ServiceRef
     labels: list[LabelDoc] | None = None
+    detections: list[DetectionDoc] | None = None
     error: ErrorDoc | None = None
     scored_at: str
     timings_ms: dict[str, float]

@@ -15,7 +15,7 @@ from worker.errors import PermanentError
 from worker.imaging import check_image
 from worker.jobs import JobStore
 from worker.models.catalog import ModelProfile
-from worker.models.postprocess import classify
+from worker.models.postprocess import PostprocessOptions, postprocess
 from worker.results import (
     ExistingResult,
     is_current,
@@ -41,11 +41,11 @@ class Predictor(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """Input limits and result size, from the settings."""
+    """Input limits and postprocessing options, from the settings."""
 
     max_image_bytes: int
     max_image_pixels: int
-    top_k: int
+    postprocess: PostprocessOptions
 
 
 @dataclass(frozen=True)
@@ -92,25 +92,41 @@ def process_image(task: ImageTask, deps: Dependencies) -> ImageOutcome:
 
 
 def score_to_result(task: ImageTask, deps: Dependencies) -> ResultDoc:
-    """Download, check and score the image; a PermanentError becomes a `rejected` result, anything else raises."""
+    """Download the image, then score it (see score_bytes)."""
     timings: dict[str, float] = {}
     source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
     try:
         started = time.perf_counter()
         downloaded = deps.store.download(task.container, task.blob, deps.limits.max_image_bytes)
         timings["download"] = _ms_since(started)
-        source = SourceRef(container=task.container, blob=task.blob, etag=downloaded.etag, size=downloaded.size)
-        check_image(
-            downloaded.data, max_bytes=deps.limits.max_image_bytes, max_pixels=deps.limits.max_image_pixels
-        )
-        started = time.perf_counter()
-        outputs = deps.scorer.predict(downloaded.data)
-        timings["score"] = _ms_since(started)
-        labels = classify(deps.profile, outputs, deps.limits.top_k)
     except PermanentError as error:
         log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
         return rejected_result(task, source, deps.profile.name, error, timings)
-    return ok_result(task, source, deps.profile.name, labels, timings)
+    source = SourceRef(container=task.container, blob=task.blob, etag=downloaded.etag, size=downloaded.size)
+    return score_bytes(task, source, downloaded.data, deps.scorer, deps.profile, deps.limits, timings)
+
+
+def score_bytes(
+    task: ImageTask,
+    source: SourceRef,
+    data: bytes,
+    scorer: Predictor,
+    profile: ModelProfile,
+    limits: Limits,
+    timings: dict[str, float] | None = None,
+) -> ResultDoc:
+    """Check and score one image's bytes; a PermanentError becomes a `rejected` result, anything else raises."""
+    timings = dict(timings or {})
+    try:
+        facts = check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        started = time.perf_counter()
+        outputs = scorer.predict(data)
+        timings["score"] = _ms_since(started)
+        prediction = postprocess(profile, outputs, (facts.width, facts.height), limits.postprocess)
+    except PermanentError as error:
+        log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+        return rejected_result(task, source, profile.name, error, timings)
+    return ok_result(task, source, profile.name, prediction, timings)
 
 
 def _already_done(task: ImageTask, deps: Dependencies, existing: ExistingResult, name: str) -> ImageOutcome:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from worker.contracts import ErrorDoc, ImageTask, LabelDoc, ResultDoc, ServiceRef, SourceRef
+from worker.contracts import DetectionDoc, ErrorDoc, ImageTask, LabelDoc, ResultDoc, ServiceRef, SourceRef
 from worker.errors import PermanentError
-from worker.models.classification import Label
+from worker.models.postprocess import Prediction
 
 RESULT_SUFFIX = ".json"
 # Blob metadata on each result: lets a retry recognise its own write and a re-run see what a result describes.
@@ -76,15 +76,24 @@ def utc_now_rfc3339() -> str:
 
 
 def ok_result(
-    task: ImageTask, source: SourceRef, model: str, labels: list[Label], timings_ms: dict[str, float]
+    task: ImageTask, source: SourceRef, model: str, prediction: Prediction, timings_ms: dict[str, float]
 ) -> ResultDoc:
-    """A result for an image that was scored."""
+    """A result for an image that was scored: `labels` for a classifier, `detections` for a detector."""
+    labels = detections = None
+    if prediction.labels is not None:
+        labels = [LabelDoc(class_id=lab.class_id, label=lab.label, score=lab.score) for lab in prediction.labels]
+    if prediction.detections is not None:
+        detections = [
+            DetectionDoc(class_id=d.class_id, label=d.label, score=d.score, box=list(d.box), box_px=list(d.box_px))
+            for d in prediction.detections
+        ]
     return ResultDoc(
         status="ok",
         job_id=task.job_id,
         source=source,
         service=ServiceRef(name=task.service, model=model),
-        labels=[LabelDoc(class_id=lab.class_id, label=lab.label, score=lab.score) for lab in labels],
+        labels=labels,
+        detections=detections,
         scored_at=utc_now_rfc3339(),
         timings_ms=_rounded(timings_ms),
     )

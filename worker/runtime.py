@@ -12,6 +12,7 @@ from worker.attempts import AttemptCounter
 from worker.breaker import CircuitBreaker
 from worker.jobs import JobStore
 from worker.models.catalog import get_profile
+from worker.models.postprocess import PostprocessOptions
 from worker.pipeline import Dependencies, Limits
 from worker.scoring import Scorer
 from worker.settings import Settings
@@ -30,6 +31,12 @@ class WorkerResources:
     redis: redis.Redis
 
 
+def limits_from(settings: Settings) -> Limits:
+    """The input limits and postprocessing options of the settings."""
+    options = PostprocessOptions(top_k=settings.top_k, detection_threshold=settings.detection_threshold)
+    return Limits(settings.max_image_bytes, settings.max_image_pixels, options)
+
+
 def build_resources(settings: Settings) -> WorkerResources:
     """Open every adapter one worker process needs."""
     profile = get_profile(settings.scoring_model).with_outputs(tuple(settings.scoring_output_names) or None)
@@ -42,7 +49,7 @@ def build_resources(settings: Settings) -> WorkerResources:
         jobs=JobStore(client),
         scorer=Scorer.from_settings(settings, profile),
         profile=profile,
-        limits=Limits(settings.max_image_bytes, settings.max_image_pixels, settings.top_k),
+        limits=limits_from(settings),
     )
     breaker = CircuitBreaker(
         client, settings.service, threshold=settings.breaker_failure_threshold, open_s=settings.breaker_open_s

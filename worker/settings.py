@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     # Results.
     results_container: str | None = None
     results_prefix: str | None = None
-    top_k: int = 5
+    top_k: int = Field(default=5, ge=1)
+    # SSD-VGG: an (anchor, class) pair above this softmax score is a candidate detection.
+    detection_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
 
     # Input limits, checked before anything is decoded.
     max_image_bytes: int = 16 * MiB

@@ -5,6 +5,8 @@ import json
 from worker.contracts import RESULT_SCHEMA, ImageTask, ResultDoc, SourceRef
 from worker.errors import PermanentError, RejectionCode
 from worker.models.classification import Label
+from worker.models.postprocess import Prediction
+from worker.models.ssd import Detection
 from worker.results import (
     ExistingResult,
     existing_from_metadata,
@@ -32,7 +34,9 @@ def test_result_name_is_deterministic_and_reversible() -> None:
 
 
 def test_ok_document_has_schema_v1_fields() -> None:
-    doc = ok_result(TASK, SOURCE, "resnet50", [Label(285, "Egyptian cat", 0.37)], {"download": 1.23456})
+    doc = ok_result(
+        TASK, SOURCE, "resnet50", Prediction(labels=[Label(285, "Egyptian cat", 0.37)]), {"download": 1.23456}
+    )
     body = json.loads(doc.to_json())
     assert next(iter(body)) == "schema"
     assert body["schema"] == RESULT_SCHEMA
@@ -68,3 +72,15 @@ def test_task_etags_have_one_spelling() -> None:
     quoted = ImageTask.from_message({**TASK.to_message(), "etag": '"0x8DD"'})
     assert quoted.etag == "0x8DD"
     assert is_current(ExistingResult("0x8DD", "ok", None, "j"), quoted.etag)
+
+
+def test_detection_document_carries_boxes_not_labels() -> None:
+    box, box_px = (0.1, 0.2, 0.6, 0.7), (30.0, 80.0, 180.0, 280.0)
+    detection = Detection(class_id=8, label="cat", score=0.91, box=box, box_px=box_px)
+    body = json.loads(ok_result(TASK, SOURCE, "ssd_vgg", Prediction(detections=[detection]), {}).to_json())
+    assert "labels" not in body
+    assert body["detections"] == [
+        {"class_id": 8, "label": "cat", "score": 0.91, "box": list(box), "box_px": list(box_px)}
+    ]
+    empty = json.loads(ok_result(TASK, SOURCE, "ssd_vgg", Prediction(detections=[]), {}).to_json())
+    assert empty["detections"] == []
