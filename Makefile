@@ -10,6 +10,9 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
+	# The official FPGA client (tests send its exact requests to the stand-in). Its azureml-core pins older
+	# pathspec/packaging than mypy needs, so it goes first and the dev install moves those two forward.
+	$(BIN)/python -m pip install -q azureml-accel-models
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
