@@ -24,6 +24,8 @@ app = typer.Typer(help="Score the JPEGs of an Azure Blob container through a TF-
                   no_args_is_help=True, pretty_exceptions_enable=False)
 samples_app = typer.Typer(help="Real sample photos for trying blobscore.", no_args_is_help=True)
 app.add_typer(samples_app, name="samples")
+services_app = typer.Typer(help="The scoring services this configuration knows.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
 console = Console(stderr=True)
 
 
@@ -56,9 +58,7 @@ def enqueue(
 ) -> None:
     """List the JPEGs under CONTAINER/PREFIX that lack a current result and queue one task per image."""
     settings = _settings()
-    service_name = service or settings.service
-    if service_name != settings.service:
-        raise typer.BadParameter(f"unknown service {service_name!r}; configured: {settings.service!r}")
+    service_name = settings.service_config(service).name
     spec = JobSpec(
         container=container, prefix=prefix, service=service_name,
         results_container=results_container or settings.results_container or container,
@@ -71,7 +71,8 @@ def enqueue(
         from worker.celery_app import create_app
 
         jobs = JobStore.from_url(settings.jobs_url)
-        report = run_enqueue(store, jobs, TaskPublisher(create_app(settings), settings.queue), spec, limit)
+        publish = TaskPublisher(create_app(settings), settings.queue_for(service_name))
+        report = run_enqueue(store, jobs, publish, spec, limit)
     if as_json:
         _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
                      "dry_run": dry_run})
@@ -162,9 +163,7 @@ def _settings_for_scoring(
 ) -> Settings:
     settings = _settings()
     if address is None:
-        if service is not None and service != settings.service:
-            raise typer.BadParameter(f"unknown service {service!r}; configured: {settings.service!r}")
-        return settings
+        return settings.model_copy(update={"service": settings.service_config(service).name})
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise typer.BadParameter("--address must be HOST:PORT")
@@ -189,7 +188,8 @@ def reconcile(
     from worker.celery_app import create_app
 
     settings = _settings()
-    publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue)
+    spec = JobStore.from_url(settings.jobs_url).spec(job_id)
+    publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue_for(spec.service))
     report = run_reconcile(BlobStore.from_settings(settings), JobStore.from_url(settings.jobs_url), publish, job_id)
     summary = {"job_id": report.job_id, "listed": report.listed, "finished": report.finished,
                "counted_from_results": report.counted_from_results, "requeued": report.requeued,
@@ -202,13 +202,53 @@ def reconcile(
 
 @app.command()
 def worker(
+    region: Annotated[str | None, typer.Option(help="Consume the queues of this region's services only.")] = None,
+    service: Annotated[list[str] | None, typer.Option(help="Consume this service's queue only (repeatable).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Images in flight per process (threads).")] = None,
-    queue: Annotated[list[str] | None, typer.Option(help="Queue(s) to consume (default: the configured one).")] = None,
 ) -> None:
-    """Run a Celery worker that scores images."""
+    """Run a Celery worker that scores images (by default for every known service)."""
     from worker.worker_main import run_worker
 
-    run_worker(_settings(), queue, concurrency)
+    run_worker(_settings(), region, service, concurrency)
+
+
+@services_app.command("list")
+def services_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """The known services: region, address, TLS, model, key variable (never the key)."""
+    described = {name: service.describe() for name, service in sorted(_settings().all_services().items())}
+    if as_json:
+        _print_json(described)
+        return
+    for name, info in described.items():
+        key = f"key from ${info['key_env']}" if info["key_env"] else ("key set" if info["key_set"] else "no key")
+        typer.echo(f"{name}: region={info['region']} {info['address']}:{info['port']} tls={info['tls']} "
+                   f"model={info['model']} route={info['route']} {key}")
+
+
+@services_app.command("check")
+def services_check(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Reach every known service with its key and route; exit 1 if any does not answer."""
+    from worker.scoring import Scorer
+
+    settings = _settings()
+    report: dict[str, dict[str, object]] = {}
+    for name, service in sorted(settings.all_services().items()):
+        scorer = Scorer.for_service(service, settings)
+        try:
+            report[name] = {"ok": True, "detail": scorer.check()}
+        except BlobscoreError as exc:
+            report[name] = {"ok": False, "detail": str(exc)}
+        finally:
+            scorer.close()
+    if as_json:
+        _print_json(report)
+    else:
+        for name, outcome in report.items():
+            typer.echo(f"{name}: {'ok' if outcome['ok'] else 'FAILED'} ({outcome['detail']})")
+    if not all(outcome["ok"] for outcome in report.values()):
+        raise typer.Exit(1)
 
 
 @samples_app.command("upload")
@@ -240,7 +280,7 @@ def demo(
     spec = JobSpec(container, "", settings.service, settings.results_container or container,
                    settings.results_prefix_for(settings.service))
     report = run_enqueue(BlobStore.from_settings(settings), jobs,
-                         TaskPublisher(create_app(settings), settings.queue), spec)
+                         TaskPublisher(create_app(settings), settings.queue_for(settings.service)), spec)
     if report.job_id is None:
         return
     console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")

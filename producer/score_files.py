@@ -8,7 +8,6 @@ from pathlib import Path
 
 from worker.contracts import ImageTask, ResultDoc, SourceRef
 from worker.errors import PermanentError, RejectionCode
-from worker.models.catalog import get_profile
 from worker.pipeline import score_bytes
 from worker.results import rejected_result
 from worker.runtime import limits_from
@@ -27,9 +26,10 @@ def _task_for(path: Path, data: bytes, service: str) -> tuple[ImageTask, SourceR
 
 def score_files(paths: Iterable[Path], settings: Settings) -> Iterator[ResultDoc]:
     """The result document of each file, in order; the worker's exact checks, request and postprocessing."""
-    profile = get_profile(settings.scoring_model).with_outputs(tuple(settings.scoring_output_names) or None)
+    service = settings.service_config()
     limits = limits_from(settings)
-    scorer = Scorer.from_settings(settings, profile)
+    scorer = Scorer.for_service(service, settings)
+    profile = scorer.profile
     try:
         for path in paths:
             try:

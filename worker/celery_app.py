@@ -22,7 +22,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # JSON only: a pickled message injected into the queue is refused, never executed.
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_default_queue": settings.queue,
+        "task_default_queue": settings.queue_for(settings.service),
         # Ack after the task ran, and requeue when the worker process dies mid-task: nothing is lost on a crash.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -1,17 +1,16 @@
-"""Per-process adapters (Blob client, gRPC channel, Redis pool): created lazily after fork, shared by threads."""
+"""Per-process adapters (Blob client, gRPC channels, Redis pool): created lazily after fork, shared by threads."""
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
 from worker.attempts import AttemptCounter
 from worker.breaker import CircuitBreaker
 from worker.jobs import JobStore
-from worker.models.catalog import get_profile
 from worker.models.postprocess import PostprocessOptions
 from worker.pipeline import Dependencies, Limits
 from worker.scoring import Scorer
@@ -21,48 +20,68 @@ from worker.storage import BlobStore
 REDIS_SOCKET_TIMEOUT_S = 10
 
 
-@dataclass(frozen=True)
-class WorkerResources:
-    """Everything one worker process shares between its threads."""
-
-    deps: Dependencies
-    breaker: CircuitBreaker
-    attempts: AttemptCounter
-    redis: redis.Redis
-
-
 def limits_from(settings: Settings) -> Limits:
     """The input limits and postprocessing options of the settings."""
     options = PostprocessOptions(top_k=settings.top_k, detection_threshold=settings.detection_threshold)
     return Limits(settings.max_image_bytes, settings.max_image_pixels, options)
 
 
+@dataclass(frozen=True)
+class ServiceResources:
+    """What scoring for one service needs: the pipeline's dependencies and the service's circuit breaker."""
+
+    deps: Dependencies
+    breaker: CircuitBreaker
+
+
+@dataclass
+class WorkerResources:
+    """Everything one worker process shares between its threads; one channel per service, opened on first use."""
+
+    settings: Settings
+    store: BlobStore
+    jobs: JobStore
+    attempts: AttemptCounter
+    redis: redis.Redis
+    _services: dict[str, ServiceResources] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def for_service(self, name: str) -> ServiceResources:
+        """The scorer and breaker of service `name` (ConfigurationError for a service this worker does not know)."""
+        found = self._services.get(name)
+        if found is not None:
+            return found
+        with self._lock:
+            if name not in self._services:
+                self._services[name] = self._open_service(name)
+            return self._services[name]
+
+    def _open_service(self, name: str) -> ServiceResources:
+        settings = self.settings
+        scorer = Scorer.for_service(settings.service_config(name), settings)
+        deps = Dependencies(self.store, self.jobs, scorer, scorer.profile, limits_from(settings))
+        breaker = CircuitBreaker(
+            self.redis, name, threshold=settings.breaker_failure_threshold, open_s=settings.breaker_open_s
+        )
+        return ServiceResources(deps, breaker)
+
+    def close(self) -> None:
+        """Close every channel, the Blob client and the Redis pool."""
+        for service in self._services.values():
+            if isinstance(service.deps.scorer, Scorer):
+                service.deps.scorer.close()
+        self.store.close()
+        self.redis.close()
+
+
 def build_resources(settings: Settings) -> WorkerResources:
-    """Open every adapter one worker process needs."""
-    profile = get_profile(settings.scoring_model).with_outputs(tuple(settings.scoring_output_names) or None)
+    """Open the process-wide adapters; scoring channels open per service on first use."""
     client = redis.Redis.from_url(
         settings.jobs_url, decode_responses=True, health_check_interval=30,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
     )
-    deps = Dependencies(
-        store=BlobStore.from_settings(settings),
-        jobs=JobStore(client),
-        scorer=Scorer.from_settings(settings, profile),
-        profile=profile,
-        limits=limits_from(settings),
-    )
-    breaker = CircuitBreaker(
-        client, settings.service, threshold=settings.breaker_failure_threshold, open_s=settings.breaker_open_s
-    )
-    return WorkerResources(deps, breaker, AttemptCounter(client), client)
-
-
-def close_resources(resources: WorkerResources) -> None:
-    """Close what build_resources opened."""
-    resources.deps.store.close()
-    if isinstance(resources.deps.scorer, Scorer):
-        resources.deps.scorer.close()
-    resources.redis.close()
+    store = BlobStore.from_settings(settings)
+    return WorkerResources(settings, store, JobStore(client), AttemptCounter(client), client)
 
 
 class ProcessResources:
@@ -89,5 +108,5 @@ class ProcessResources:
         """Close this process's adapters, if opened here."""
         with self._lock:
             if self._resources is not None and self._pid == os.getpid():
-                close_resources(self._resources)
+                self._resources.close()
             self._resources = None

@@ -11,7 +11,9 @@ import numpy.typing as npt
 
 from worker import wire
 from worker.errors import ConfigurationError, PermanentError, RejectionCode, TransientError
-from worker.models.catalog import ModelProfile
+from worker.models.catalog import ModelProfile, get_profile
+from worker.protos.tf_serving_pb2 import GetModelMetadataRequest
+from worker.services import ServiceConfig
 from worker.settings import Settings
 
 # Outage-like statuses: they feed the circuit breaker as well as the retry policy.
@@ -65,20 +67,24 @@ def error_for_status(code: grpc.StatusCode, details: str) -> Exception:
     return PermanentError(RejectionCode.SCORER_REJECTED, f"scoring service {code.name}: {details}")
 
 
-def open_channel(settings: Settings) -> grpc.Channel:
-    """A channel to the configured service, TLS when asked; create it per process, after any fork."""
-    target = f"{settings.scoring_address}:{settings.scoring_port}"
+def open_channel(service: ServiceConfig, max_image_bytes: int) -> grpc.Channel:
+    """A channel to `service`, TLS when asked; create it per process, after any fork."""
     options = [
-        ("grpc.max_send_message_length", settings.max_image_bytes + 1024 * 1024),
+        ("grpc.max_send_message_length", max_image_bytes + 1024 * 1024),
         ("grpc.max_receive_message_length", _RESPONSE_LIMIT),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 30_000),
     ]
-    if not settings.scoring_tls:
-        return grpc.insecure_channel(target, options=options)
-    root = Path(settings.scoring_ca_file).read_bytes() if settings.scoring_ca_file else None
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+    if not service.tls:
+        return grpc.insecure_channel(service.target, options=options)
+    root = Path(service.ca_file).read_bytes() if service.ca_file else None
+    return grpc.secure_channel(service.target, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+def profile_of(service: ServiceConfig) -> ModelProfile:
+    """The model profile a service runs, with its output-name overrides."""
+    return get_profile(service.model).with_outputs(tuple(service.output_names) or None)
 
 
 class Scorer:
@@ -101,16 +107,21 @@ class Scorer:
         self._timeout_s = timeout_s
 
     @classmethod
-    def from_settings(cls, settings: Settings, profile: ModelProfile) -> Scorer:
-        """A scorer for the configured service, over a new channel."""
-        key = settings.scoring_key.get_secret_value() if settings.scoring_key else None
+    def for_service(cls, service: ServiceConfig, settings: Settings) -> Scorer:
+        """A scorer for `service`, over a new channel; deadline and message size from the settings."""
+        key = service.key.get_secret_value() if service.key else None
         return cls(
-            open_channel(settings),
-            profile,
-            input_name=settings.scoring_input_name,
-            metadata=wire.call_metadata(key, settings.scoring_service_name),
+            open_channel(service, settings.max_image_bytes),
+            profile_of(service),
+            input_name=service.input_name,
+            metadata=wire.call_metadata(key, service.route),
             timeout_s=settings.scoring_timeout_s,
         )
+
+    @property
+    def profile(self) -> ModelProfile:
+        """The model profile this scorer's service runs."""
+        return self._profile
 
     def predict(self, image: bytes) -> dict[str, npt.NDArray[np.float32]]:
         """The profile's output tensors for one image (batch dimension kept), in one request under the deadline."""
@@ -125,6 +136,27 @@ class Scorer:
                     if name in response.outputs}
         except ValueError as exc:
             raise PermanentError(RejectionCode.BAD_MODEL_OUTPUT, str(exc)) from exc
+
+    def check(self) -> str:
+        """Reach the service with the key and route (GetModelMetadata, else gRPC health); our error if it fails."""
+        request = GetModelMetadataRequest(metadata_field=[wire.SIGNATURE_DEF_METADATA_FIELD])
+        try:
+            wire.metadata_callable(self._channel)(request, timeout=self._timeout_s, metadata=self._metadata)
+            return "model metadata answered"
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                raise error_for_status(exc.code(), exc.details() or "") from exc
+        return self._check_health()
+
+    def _check_health(self) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_for_status(exc.code(), exc.details() or "") from exc
+        return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
     def close(self) -> None:
         """Close the channel."""

@@ -11,7 +11,9 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.errors import ConfigurationError
 from worker.models.catalog import DEFAULT_INPUT_NAME
+from worker.services import ServiceConfig, queue_name
 
 STACK_FILE = Path(".blobscore") / "stack.json"
 CONFIG_FILE = Path("blobscore.toml")
@@ -32,8 +34,12 @@ class Settings(BaseSettings):
     blob_connection_string: SecretStr | None = None
     blob_account_url: str | None = None
 
-    # The scoring service (Azure ML FPGA service, TF Serving, OpenVINO Model Server or the local stand-in).
+    # Named scoring services (the config file's [services.NAME] tables); see worker/services.py.
+    services: dict[str, ServiceConfig] = Field(default_factory=dict)
+    # The default service, also usable without a registry through the flat scoring_* settings below (Azure ML
+    # FPGA service, TF Serving, OpenVINO Model Server or the local stand-in).
     service: str = "local"
+    scoring_region: str = "local"
     scoring_address: str = "127.0.0.1"
     scoring_port: int = 8500
     scoring_tls: bool = False
@@ -71,6 +77,29 @@ class Settings(BaseSettings):
     task_time_limit_s: float = 90.0
 
 
+    def service_config(self, name: str | None = None) -> ServiceConfig:
+        """The named service (default: `service`), from the registry or, for the default, the scoring_* fields."""
+        name = name or self.service
+        if name in self.services:
+            return self.services[name]
+        if name != self.service:
+            known = ", ".join(sorted({*self.services, self.service}))
+            raise ConfigurationError(f"unknown service {name!r}; known: {known}")
+        return ServiceConfig(
+            name=name, region=self.scoring_region, address=self.scoring_address, port=self.scoring_port,
+            tls=self.scoring_tls, ca_file=self.scoring_ca_file, key=self.scoring_key,
+            route=self.scoring_service_name, model=self.scoring_model, input_name=self.scoring_input_name,
+            output_names=self.scoring_output_names,
+        )
+
+    def all_services(self) -> dict[str, ServiceConfig]:
+        """Every known service by name: the registry plus the default one."""
+        return {self.service: self.service_config(), **self.services}
+
+    def queue_for(self, service: str) -> str:
+        """The queue of a service's tasks."""
+        return queue_name(self.queue, service)
+
     @model_validator(mode="after")
     def _countdowns_fit_the_visibility_timeout(self) -> Settings:
         # A countdown or a run longer than the visibility timeout would have the broker redeliver the message
@@ -101,8 +130,21 @@ def _file_layers(workdir: Path, config_file: Path | None) -> dict[str, Any]:
     config = config_file or _config_from_env() or workdir / CONFIG_FILE
     if config.is_file():
         with config.open("rb") as handle:
-            values.update(tomllib.load(handle).get("blobscore", {}))
+            document = tomllib.load(handle)
+        values.update(document.get("blobscore", {}))
+        services = document.get("services", {})
+        if services:
+            values["services"] = {name: {**table, "name": name} for name, table in services.items()}
     return values
+
+
+def _with_keys(services: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
+    # The entry point is the one place that reads the environment: each service's key comes from its variable.
+    resolved = {}
+    for name, service in services.items():
+        value = os.environ.get(service.key_env) if service.key_env else None
+        resolved[name] = service.model_copy(update={"key": SecretStr(value)}) if value else service
+    return resolved
 
 
 def _config_from_env() -> Path | None:
@@ -114,4 +156,7 @@ def load_settings(workdir: Path | None = None, config_file: Path | None = None, 
     """Build the Settings: overrides > BLOBSCORE_* env > config file ([blobscore] table) > .blobscore/stack.json."""
     from_env = Settings(**overrides)
     explicit = {name: getattr(from_env, name) for name in from_env.model_fields_set}
-    return Settings(**{**_file_layers(workdir or Path.cwd(), config_file), **explicit})
+    settings = Settings(**{**_file_layers(workdir or Path.cwd(), config_file), **explicit})
+    if not settings.services:
+        return settings
+    return settings.model_copy(update={"services": _with_keys(settings.services)})

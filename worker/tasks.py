@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from worker.breaker import CircuitOpenError
 from worker.contracts import TASK_NAME, ImageTask, SourceRef
-from worker.errors import PermanentError, RejectionCode
+from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.pipeline import process_image
 from worker.results import rejected_result, result_blob_name, result_metadata
 from worker.retry import backoff_delay, should_retry
@@ -68,37 +68,45 @@ def _guarded(task_self: Task, task: ImageTask, worker: WorkerResources, settings
 def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
     attempt = int(task_self.request.retries)
     try:
-        worker.breaker.check()
-        status = process_image(task, worker.deps).status
+        service = worker.for_service(task.service)
+        service.breaker.check()
+        status = process_image(task, service.deps).status
     except CircuitOpenError as exc:
         # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
-        worker.deps.jobs.record_retry(task.job_id, task.blob)
+        worker.jobs.record_retry(task.job_id, task.blob)
         raise task_self.retry(exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s)) from exc
     except Exception as exc:
         if isinstance(exc, ScoringUnavailableError):
-            worker.breaker.record_failure()
+            service.breaker.record_failure()
         limit = settings.max_transient_retries if should_retry(exc) else MAX_UNEXPECTED_RETRIES
         if attempt >= limit:
             code = RejectionCode.RETRIES_EXHAUSTED if should_retry(exc) else RejectionCode.INTERNAL_ERROR
             log.error("giving up on %s/%s after %d attempts: %s", task.container, task.blob, attempt + 1, exc)
             return _finish_with_error(task, worker, code, f"gave up after {attempt + 1} attempts: {exc}")
         log.warning("retrying %s/%s (attempt %d): %s", task.container, task.blob, attempt + 1, exc)
-        worker.deps.jobs.record_retry(task.job_id, task.blob)
+        worker.jobs.record_retry(task.job_id, task.blob)
         raise task_self.retry(exc=exc, countdown=backoff_delay(attempt, settings.retry_backoff_max_s)) from exc
-    worker.breaker.record_success()
+    service.breaker.record_success()
     return status
 
 
 def _finish_with_error(task: ImageTask, worker: WorkerResources, code: RejectionCode, message: str) -> str:
     """Record an image we stop trying as `rejected` (a later run tries it again): never a silent drop."""
-    deps = worker.deps
     name = result_blob_name(task.results_prefix, task.blob)
-    existing, etag = deps.store.existing_result(task.results_container, name)
+    existing, etag = worker.store.existing_result(task.results_container, name)
     if existing is None or existing.source_etag != task.etag:
         source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
-        doc = rejected_result(task, source, deps.profile.name, PermanentError(code, message), {})
-        deps.store.write_result(task.results_container, name, doc.to_json(), result_metadata(doc), etag)
-        deps.jobs.record_outcome(task.job_id, task.blob, "rejected")
+        model = _model_of(worker.settings, task.service)
+        doc = rejected_result(task, source, model, PermanentError(code, message), {})
+        worker.store.write_result(task.results_container, name, doc.to_json(), result_metadata(doc), etag)
+        worker.jobs.record_outcome(task.job_id, task.blob, "rejected")
     else:
-        deps.jobs.record_outcome(task.job_id, task.blob, "ok" if existing.status == "ok" else "rejected")
+        worker.jobs.record_outcome(task.job_id, task.blob, "ok" if existing.status == "ok" else "rejected")
     return "rejected"
+
+
+def _model_of(settings: Settings, service: str) -> str:
+    try:
+        return settings.service_config(service).model
+    except ConfigurationError:
+        return "unknown"

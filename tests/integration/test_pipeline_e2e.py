@@ -134,17 +134,18 @@ def test_a_redelivered_task_finds_its_result_and_does_not_score_again(
     result_etag = blob_service.get_blob_client(container, f"{RESULTS}chelsea.jpg.json").get_blob_properties().etag
     calls_before = read_stats(scored_container["stats_file"])["predict_calls"]
     settings = load_settings(cwd, broker_url=env["BLOBSCORE_BROKER_URL"], queue=env["BLOBSCORE_QUEUE"])
+    queue = settings.queue_for(SERVICE)
     message = {"job_id": scored_container["job"]["job_id"], "container": container, "blob": "chelsea.jpg",
                "etag": source.etag, "size": source.size, "service": SERVICE, "results_container": container,
                "results_prefix": RESULTS}
     app = create_app(settings)
     for _ in range(2):
-        app.send_task(TASK_NAME, args=[message], queue=settings.queue)
+        app.send_task(TASK_NAME, args=[message], queue=queue)
     # A marker task queued behind the duplicates: once its result exists, the duplicates were processed.
     blob_service.get_blob_client(container, "marker.jpg").upload_blob(jpeg_bytes(9), overwrite=True)
     marker = blob_service.get_blob_client(container, "marker.jpg").get_blob_properties()
     app.send_task(TASK_NAME, args=[{**message, "blob": "marker.jpg", "etag": marker.etag, "size": marker.size}],
-                  queue=settings.queue)
+                  queue=queue)
     _wait_for_blob(blob_service, container, f"{RESULTS}marker.jpg.json")
     assert blob_service.get_blob_client(container, f"{RESULTS}chelsea.jpg.json").get_blob_properties().etag == (
         result_etag
