@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -31,14 +31,16 @@ def excluded_prefixes(spec: JobSpec) -> tuple[str, ...]:
     return tuple({spec.results_prefix, DEFAULT_RESULTS_ROOT})
 
 
-def images_to_score(store: BlobStore, spec: JobSpec, limit: int | None) -> tuple[Iterator[ListedBlob], list[int]]:
-    """Images under the job's prefix lacking a current result; the second value counts those skipped."""
+def images_to_score(
+    store: BlobStore, spec: JobSpec, limit: int | None, exclude: Collection[str] = ()
+) -> tuple[Iterator[ListedBlob], list[int]]:
+    """Images under the job's prefix lacking a current result and not in `exclude`; the second value counts skips."""
     results = current_results(store.list_metadata(spec.results_container, spec.results_prefix), spec.results_prefix)
     skipped = [0]
 
     def wanted() -> Iterator[ListedBlob]:
         for blob in select_images(store.list_blobs(spec.container, spec.prefix), excluded_prefixes(spec)):
-            if needs_scoring(blob, results):
+            if blob.name not in exclude and needs_scoring(blob, results):
                 yield blob
             else:
                 skipped[0] += 1
@@ -55,10 +57,18 @@ def task_for(job_id: str, spec: JobSpec, blob: ListedBlob) -> ImageTask:
 
 
 def enqueue(
-    store: BlobStore, jobs: JobStore | None, publish: Publish | None, spec: JobSpec, limit: int | None = None
+    store: BlobStore,
+    jobs: JobStore | None,
+    publish: Publish | None,
+    spec: JobSpec,
+    limit: int | None = None,
+    exclude: Collection[str] = (),
 ) -> EnqueueReport:
-    """Run the listing; with `jobs` and `publish` create the job and queue its tasks, else only count (dry run)."""
-    blobs, skipped = images_to_score(store, spec, limit)
+    """Run the listing; with `jobs` and `publish` create the job and queue its tasks, else only count (dry run).
+
+    `exclude` names images another job still has queued (e.g. a scheduled run's unfinished predecessor).
+    """
+    blobs, skipped = images_to_score(store, spec, limit, exclude)
     if jobs is None or publish is None:
         return EnqueueReport(None, sum(1 for _ in blobs), skipped[0])
     job_id = jobs.create(spec)
