@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from producer import exports
+from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
 from worker.errors import BlobscoreError
@@ -47,32 +48,41 @@ def _print_json(value: object) -> None:
 
 @app.command()
 def enqueue(
-    container: Annotated[str, typer.Option(help="Source container.")],
+    container: Annotated[str | None, typer.Option(help="Source container.")] = None,
     prefix: Annotated[str, typer.Option(help="Only blobs whose names start with this.")] = "",
     service: Annotated[str | None, typer.Option(help="Scoring service name (default: the configured one).")] = None,
     results_container: Annotated[str | None, typer.Option(help="Where results go (default: the source).")] = None,
     results_prefix: Annotated[str | None, typer.Option(help="Default: blobscore-results/<service>/.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Queue at most this many images.")] = None,
+    window: Annotated[int | None, typer.Option(min=1, help="Most tasks of the job waiting in the broker.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue the listing of this job where it stopped.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List and count only; create no job.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """List the JPEGs under CONTAINER/PREFIX that lack a current result and queue one task per image."""
-    settings = _settings()
-    service_name = settings.service_config(service).name
-    spec = JobSpec(
-        container=container, prefix=prefix, service=service_name,
-        results_container=results_container or settings.results_container or container,
-        results_prefix=results_prefix if results_prefix is not None else settings.results_prefix_for(service_name),
-    )
-    store = BlobStore.from_settings(settings)
-    if dry_run:
-        report = run_enqueue(store, None, None, spec, limit)
-    else:
-        from worker.celery_app import create_app
+    """List the JPEGs under CONTAINER/PREFIX that lack a current result and queue one task per image.
 
-        jobs = JobStore.from_url(settings.jobs_url)
-        publish = TaskPublisher(create_app(settings), settings.queue_for(service_name))
-        report = run_enqueue(store, jobs, publish, spec, limit)
+    The listing goes page by page and never has more than the window of tasks waiting in the broker, so the
+    command runs until the last page is queued; if it is stopped, `--resume JOB` continues where it left off.
+    """
+    from worker.celery_app import create_app
+
+    settings = _settings()
+    jobs = JobStore.from_url(settings.jobs_url)
+    store = BlobStore.from_settings(settings)
+    options = EnqueueOptions(limit=limit, window=window or settings.enqueue_window)
+    if resume is not None:
+        spec = jobs.spec(resume)
+        publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
+        report = run_listing(store, jobs, publish, resume, options)
+    else:
+        if container is None:
+            raise typer.BadParameter("--container is required (or --resume JOB)")
+        spec = _job_spec(settings, container, prefix, service, results_container, results_prefix)
+        if dry_run:
+            report = count_only(store, spec, options)
+        else:
+            publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
+            report = run_enqueue(store, jobs, publish, spec, options)
     if as_json:
         _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
                      "dry_run": dry_run})
@@ -81,6 +91,18 @@ def enqueue(
     else:
         console.print(f"queued {report.listed} images, {report.skipped_current} already current")
         typer.echo(report.job_id)
+
+
+def _job_spec(
+    settings: Settings, container: str, prefix: str, service: str | None, results_container: str | None,
+    results_prefix: str | None,
+) -> JobSpec:
+    service_name = settings.service_config(service).name
+    return JobSpec(
+        container=container, prefix=prefix, service=service_name,
+        results_container=results_container or settings.results_container or container,
+        results_prefix=results_prefix if results_prefix is not None else settings.results_prefix_for(service_name),
+    )
 
 
 def _status_dict(status: JobStatus) -> dict[str, object]:
@@ -277,10 +299,9 @@ def demo(
     from worker.celery_app import create_app
 
     jobs = JobStore.from_url(settings.jobs_url)
-    spec = JobSpec(container, "", settings.service, settings.results_container or container,
-                   settings.results_prefix_for(settings.service))
+    spec = _job_spec(settings, container, "", None, None, None)
     report = run_enqueue(BlobStore.from_settings(settings), jobs,
-                         TaskPublisher(create_app(settings), settings.queue_for(settings.service)), spec)
+                         TaskPublisher(create_app(settings), settings.queue_for(spec.service)), spec)
     if report.job_id is None:
         return
     console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")

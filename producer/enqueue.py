@@ -1,18 +1,19 @@
-"""Create a job: list the images, skip those with a current result, record and publish one task per image."""
+"""Create or resume a job: list page by page, skip current results, publish within a window of queued tasks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from itertools import islice
 
 from producer.listing import DEFAULT_RESULTS_ROOT, current_results, needs_scoring, select_images
 from worker.contracts import ImageTask
 from worker.jobs import JobSpec, JobStore
-from worker.storage import BlobStore, ListedBlob
+from worker.results import ExistingResult
+from worker.storage import BlobStore, ListedBlob, ListingPage
 
-PAGE = 1000
 Publish = Callable[[list[ImageTask]], None]
+WINDOW_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,17 @@ class EnqueueReport:
     skipped_current: int
 
 
+@dataclass(frozen=True)
+class EnqueueOptions:
+    """How much to queue and how fast."""
+
+    limit: int | None = None
+    exclude: Collection[str] = ()
+    # At most this many of the job's tasks wait in the broker at once: broker memory stays bounded.
+    window: int = 40_000
+    page_size: int = 5000
+
+
 def excluded_prefixes(spec: JobSpec) -> tuple[str, ...]:
     """Prefixes never scored in the source container: the results, when they share it."""
     if spec.results_container != spec.container:
@@ -31,53 +43,91 @@ def excluded_prefixes(spec: JobSpec) -> tuple[str, ...]:
     return tuple({spec.results_prefix, DEFAULT_RESULTS_ROOT})
 
 
-def images_to_score(
-    store: BlobStore, spec: JobSpec, limit: int | None, exclude: Collection[str] = ()
-) -> tuple[Iterator[ListedBlob], list[int]]:
-    """Images under the job's prefix lacking a current result and not in `exclude`; the second value counts skips."""
-    results = current_results(store.list_metadata(spec.results_container, spec.results_prefix), spec.results_prefix)
-    skipped = [0]
-
-    def wanted() -> Iterator[ListedBlob]:
-        for blob in select_images(store.list_blobs(spec.container, spec.prefix), excluded_prefixes(spec)):
-            if blob.name not in exclude and needs_scoring(blob, results):
-                yield blob
-            else:
-                skipped[0] += 1
-
-    return islice(wanted(), limit), skipped
-
-
-def task_for(job_id: str, spec: JobSpec, blob: ListedBlob) -> ImageTask:
+def task_for(job_id: str, index: int, spec: JobSpec, blob: ListedBlob) -> ImageTask:
     """The task message of one image."""
     return ImageTask(
-        job_id=job_id, container=spec.container, blob=blob.name, etag=blob.etag, size=blob.size,
+        job_id=job_id, index=index, container=spec.container, blob=blob.name, etag=blob.etag, size=blob.size,
         service=spec.service, results_container=spec.results_container, results_prefix=spec.results_prefix,
     )
 
 
-def enqueue(
-    store: BlobStore,
-    jobs: JobStore | None,
-    publish: Publish | None,
-    spec: JobSpec,
-    limit: int | None = None,
-    exclude: Collection[str] = (),
-) -> EnqueueReport:
-    """Run the listing; with `jobs` and `publish` create the job and queue its tasks, else only count (dry run).
+def wanted_on_page(
+    page: ListingPage, spec: JobSpec, results: dict[str, ExistingResult], exclude: Collection[str]
+) -> tuple[list[ListedBlob], int]:
+    """The page's images that need scoring, and how many were skipped because their result is current."""
+    wanted, skipped = [], 0
+    for blob in select_images(page.blobs, excluded_prefixes(spec)):
+        if blob.name in exclude:
+            continue
+        if needs_scoring(blob, results):
+            wanted.append(blob)
+        else:
+            skipped += 1
+    return wanted, skipped
 
-    `exclude` names images another job still has queued (e.g. a scheduled run's unfinished predecessor).
+
+class _Window:
+    """Blocks publishing while the job already has `size` tasks waiting in the broker."""
+
+    def __init__(self, jobs: JobStore, job_id: str, size: int) -> None:
+        self._jobs, self._job_id, self._size = jobs, job_id, size
+
+    def wait_for_room(self, published: int, adding: int) -> None:
+        while published + adding - self._jobs.finished_count(self._job_id) > max(self._size, adding):
+            time.sleep(WINDOW_POLL_S)
+
+
+def count_only(store: BlobStore, spec: JobSpec, options: EnqueueOptions) -> EnqueueReport:
+    """A dry run: how many images a job would queue and skip."""
+    results = _results(store, spec)
+    listed = skipped = 0
+    for page in store.list_pages(spec.container, spec.prefix, None, options.page_size):
+        wanted, page_skipped = wanted_on_page(page, spec, results, options.exclude)
+        listed, skipped = listed + len(wanted), skipped + page_skipped
+    return EnqueueReport(None, listed if options.limit is None else min(listed, options.limit), skipped)
+
+
+def enqueue(
+    store: BlobStore, jobs: JobStore, publish: Publish, spec: JobSpec, options: EnqueueOptions | None = None
+) -> EnqueueReport:
+    """Create a job and queue one task per image lacking a current result."""
+    return run_listing(store, jobs, publish, jobs.create(spec), options or EnqueueOptions())
+
+
+def run_listing(
+    store: BlobStore, jobs: JobStore, publish: Publish, job_id: str, options: EnqueueOptions
+) -> EnqueueReport:
+    """List (from where the job's listing stopped) and publish page by page, within the window.
+
+    A page is recorded before it is published and the continuation token saved after, so a producer killed
+    at any point resumes by re-listing at most one page; its re-published tasks find their results.
     """
-    blobs, skipped = images_to_score(store, spec, limit, exclude)
-    if jobs is None or publish is None:
-        return EnqueueReport(None, sum(1 for _ in blobs), skipped[0])
-    job_id = jobs.create(spec)
-    listed = 0
-    while page := list(islice(blobs, PAGE)):
-        tasks = [task_for(job_id, spec, blob) for blob in page]
-        # Listed before published: the job can never look done while tasks of this page are unpublished.
-        jobs.add_listed(job_id, [task.blob for task in tasks])
-        publish(tasks)
-        listed += len(tasks)
+    spec, progress = jobs.spec(job_id), jobs.progress(job_id)
+    if progress.done:
+        return EnqueueReport(job_id, progress.next_index, 0)
+    results = _results(store, spec)
+    window = _Window(jobs, job_id, options.window)
+    index, page_no, skipped = progress.next_index, progress.next_page, 0
+    for page in store.list_pages(spec.container, spec.prefix, progress.continuation, options.page_size):
+        wanted, page_skipped = wanted_on_page(page, spec, results, options.exclude)
+        wanted = wanted[: _room(options.limit, index)]
+        skipped += page_skipped
+        if wanted:
+            jobs.record_page(job_id, page_no, index, [blob.name for blob in wanted])
+            window.wait_for_room(index, len(wanted))
+            publish([task_for(job_id, index + offset, spec, blob) for offset, blob in enumerate(wanted)])
+            index, page_no = index + len(wanted), page_no + 1
+        jobs.advance(job_id, page.continuation, index, page_no)
+        if _room(options.limit, index) == 0:
+            break
     jobs.finish_listing(job_id)
-    return EnqueueReport(job_id, listed, skipped[0])
+    return EnqueueReport(job_id, index, skipped)
+
+
+def _room(limit: int | None, index: int) -> int | None:
+    return None if limit is None else max(limit - index, 0)
+
+
+def _results(store: BlobStore, spec: JobSpec) -> dict[str, ExistingResult]:
+    # One listing of the results prefix, not one request per image.
+    return current_results(store.list_metadata(spec.results_container, spec.results_prefix), spec.results_prefix)

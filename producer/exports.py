@@ -19,7 +19,7 @@ CSV_COLUMNS = ("container", "blob", "status", "class_id", "label", "score", "err
 def job_results(store: BlobStore, jobs: JobStore, job_id: str) -> list[ResultDoc]:
     """The stored result of every image the job finished, sorted by blob name."""
     spec = jobs.spec(job_id)
-    names = sorted(set(jobs.members(job_id, "ok")) | set(jobs.members(job_id, "rejected")))
+    names = sorted({*jobs.members(job_id, "ok"), *jobs.members(job_id, "rejected")})
     return list(_read_all(store, spec.results_container, spec.results_prefix, names))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TASK_NAME = "blobscore.score_image"
 RESULT_SCHEMA = "blobscore.result/v1"
@@ -22,6 +22,8 @@ class ImageTask(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_id: str
+    # The image's position in its job's listing: its bit in the job's outcome bitmaps.
+    index: int = Field(ge=0)
     container: str
     blob: str
     etag: str

@@ -1,9 +1,11 @@
-"""Job records and per-image outcome counters in Redis; redis-py errors become ours."""
+"""Job records in Redis, compact at any size: counters, one bit per image and outcome, zlib-packed listing pages."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,29 @@ from worker.errors import BlobscoreError, TransientError
 KEY_PREFIX = "blobscore:job:"
 Outcome = Literal["ok", "rejected"]
 JobState = Literal["listing", "running", "done"]
+Part = Literal["listed", "ok", "rejected", "retrying"]
+
+# Counts an image's outcome once: the bit of its index in either outcome bitmap says it was counted already.
+_RECORD_OUTCOME = """
+local index = tonumber(ARGV[1])
+if redis.call('GETBIT', KEYS[1], index) == 0 and redis.call('GETBIT', KEYS[2], index) == 0 then
+  redis.call('SETBIT', KEYS[1], index, 1)
+  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+end
+redis.call('SREM', KEYS[4], ARGV[3])
+return 1
+"""
+# `listed` only grows: a resumed producer re-recording a page must not count it twice.
+_RECORD_PAGE = """
+redis.call('SET', KEYS[2], ARGV[3])
+if tonumber(redis.call('HGET', KEYS[1], 'listed') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'listed', ARGV[1])
+end
+if tonumber(redis.call('HGET', KEYS[1], 'pages') or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'pages', ARGV[2])
+end
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -42,6 +67,16 @@ class JobStatus:
     state: JobState
 
 
+@dataclass(frozen=True)
+class ListingProgress:
+    """Where a job's listing stands: the continuation token after the last published page."""
+
+    continuation: str | None
+    next_index: int
+    next_page: int
+    done: bool
+
+
 class UnknownJobError(BlobscoreError):
     """No job with that id."""
 
@@ -63,11 +98,24 @@ def new_job_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
+def pack_names(names: list[str]) -> bytes:
+    """A listing page as stored: zlib-compressed JSON (blob names share long prefixes: ~5 bytes a name)."""
+    return zlib.compress(json.dumps(names, ensure_ascii=False).encode("utf-8"), 6)
+
+
+def unpack_names(packed: bytes) -> list[str]:
+    """The names of a stored listing page."""
+    names: list[str] = json.loads(zlib.decompress(packed))
+    return names
+
+
 class JobStore:
-    """Job records: a hash per job plus one set per outcome, so counting an image twice is impossible."""
+    """Job records: each listed image has an index; its outcome is a bit, counted once however often recorded."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
+        self._record_outcome = client.register_script(_RECORD_OUTCOME)
+        self._record_page = client.register_script(_RECORD_PAGE)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -87,7 +135,8 @@ class JobStore:
                 mapping={
                     "container": spec.container, "prefix": spec.prefix, "service": spec.service,
                     "results_container": spec.results_container, "results_prefix": spec.results_prefix,
-                    "listed": 0, "listing_done": 0, "created_at": time.time(),
+                    "listed": 0, "ok": 0, "rejected": 0, "pages": 0, "next_index": 0, "next_page": 0,
+                    "continuation": "", "listing_done": 0, "created_at": time.time(),
                 },
             )
         return job_id
@@ -100,30 +149,47 @@ class JobStore:
             record["results_container"], record["results_prefix"],
         )
 
-    def add_listed(self, job_id: str, blobs: list[str]) -> None:
-        """Count blobs as listed (a set, so listing a page twice after a producer restart counts once)."""
-        if not blobs:
-            return
-        with _translated(f"list into job {job_id}"):
-            self._redis.sadd(_key(job_id, "listed"), *blobs)
+    def progress(self, job_id: str) -> ListingProgress:
+        """Where the listing stands, to resume it."""
+        record = self._record(job_id)
+        return ListingProgress(
+            continuation=record.get("continuation") or None,
+            next_index=int(record.get("next_index", 0)),
+            next_page=int(record.get("next_page", 0)),
+            done=record.get("listing_done") == "1",
+        )
+
+    def record_page(self, job_id: str, page: int, first_index: int, names: list[str]) -> None:
+        """Store a page of names at its indices and count them as listed — before its tasks are published."""
+        with _translated(f"record page {page} of job {job_id}"):
+            self._record_page(
+                keys=[_key(job_id), _key(job_id, f"page:{page}:{first_index}")],
+                args=[first_index + len(names), page + 1, pack_names(names)],
+            )
+
+    def advance(self, job_id: str, continuation: str | None, next_index: int, next_page: int) -> None:
+        """The pages so far are published: a resumed listing continues after them."""
+        with _translated(f"advance job {job_id}"):
+            self._redis.hset(
+                _key(job_id),
+                mapping={"continuation": continuation or "", "next_index": next_index, "next_page": next_page},
+            )
 
     def finish_listing(self, job_id: str) -> None:
         """Mark the listing complete: from now on the job can become `done`."""
         with _translated(f"finish listing of job {job_id}"):
             self._redis.hset(_key(job_id), "listing_done", 1)
 
-    def record_outcome(self, job_id: str, blob: str, outcome: Outcome) -> None:
-        """Count the image's final outcome once, whatever how often it is recorded."""
-        other: Outcome = "rejected" if outcome == "ok" else "ok"
+    def record_outcome(self, job_id: str, index: int, blob: str, outcome: Outcome) -> None:
+        """Count the image's final outcome once, however often it is recorded."""
         with _translated(f"record outcome in job {job_id}"):
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.sadd(_key(job_id, outcome), blob)
-            pipe.srem(_key(job_id, other), blob)
-            pipe.srem(_key(job_id, "retrying"), blob)
-            pipe.execute()
+            self._record_outcome(
+                keys=[_key(job_id, outcome), _key(job_id, _other(outcome)), _key(job_id), _key(job_id, "retrying")],
+                args=[index, outcome, blob],
+            )
 
     def record_retry(self, job_id: str, blob: str) -> None:
-        """Mark the image as waiting on a retry."""
+        """Mark the image as waiting on a retry (a small set: only images in trouble are in it)."""
         with _translated(f"record retry in job {job_id}"):
             self._redis.sadd(_key(job_id, "retrying"), blob)
 
@@ -131,10 +197,8 @@ class JobStore:
         """The job's counts and state."""
         record = self._record(job_id)
         with _translated(f"status of job {job_id}"):
-            pipe = self._redis.pipeline(transaction=False)
-            for part in ("listed", "ok", "rejected", "retrying"):
-                pipe.scard(_key(job_id, part))
-            listed, ok, rejected, retrying = (int(n) for n in pipe.execute())
+            retrying = int(self._redis.scard(_key(job_id, "retrying")))
+        listed, ok, rejected = (int(record.get(field, 0)) for field in ("listed", "ok", "rejected"))
         finished = ok + rejected
         state: JobState = "running"
         if record.get("listing_done") != "1":
@@ -143,10 +207,43 @@ class JobStore:
             state = "done"
         return JobStatus(job_id, listed, ok, rejected, retrying, max(listed - finished, 0), state)
 
-    def members(self, job_id: str, part: Literal["listed", "ok", "rejected", "retrying"]) -> Iterator[str]:
-        """The blob names in one of the job's sets."""
+    def finished_count(self, job_id: str) -> int:
+        """ok + rejected: how much of the window the workers have drained."""
         with _translated(f"read job {job_id}"):
-            yield from self._redis.sscan_iter(_key(job_id, part), count=1000)
+            ok, rejected = self._redis.hmget(_key(job_id), ["ok", "rejected"])
+        return int(ok or 0) + int(rejected or 0)
+
+    def listed_pages(self, job_id: str) -> Iterator[tuple[int, list[str]]]:
+        """(first index, names) of every recorded listing page."""
+        pattern = _key(job_id, "page:*")
+        with _translated(f"read pages of job {job_id}"):
+            keys = sorted(self._redis.scan_iter(match=pattern, count=1000), key=_page_order)
+            for key in keys:
+                packed = self._get_bytes(key)
+                if packed:
+                    yield _page_order(key), unpack_names(packed)
+
+    def outcome_bits(self, job_id: str, outcome: Outcome) -> bytes:
+        """The job's bitmap of images counted with `outcome` (bit i = image index i)."""
+        with _translated(f"read job {job_id}"):
+            return self._get_bytes(_key(job_id, outcome))
+
+    def _get_bytes(self, key: str) -> bytes:
+        # The client decodes replies to str; packed pages and bitmaps are binary.
+        value = self._redis.execute_command("GET", key, NEVER_DECODE=True)  # type: ignore[no-untyped-call]
+        return bytes(value or b"")
+
+    def members(self, job_id: str, part: Part) -> Iterator[str]:
+        """The blob names listed, counted ok, counted rejected, or waiting on a retry."""
+        if part == "retrying":
+            with _translated(f"read job {job_id}"):
+                yield from self._redis.sscan_iter(_key(job_id, "retrying"), count=1000)
+            return
+        bits = None if part == "listed" else self.outcome_bits(job_id, part)
+        for first, names in self.listed_pages(job_id):
+            for offset, name in enumerate(names):
+                if bits is None or bit_is_set(bits, first + offset):
+                    yield name
 
     def _record(self, job_id: str) -> dict[str, str]:
         with _translated(f"read job {job_id}"):
@@ -154,6 +251,20 @@ class JobStore:
         if not record:
             raise UnknownJobError(f"no job {job_id!r}")
         return record
+
+
+def bit_is_set(bits: bytes, index: int) -> bool:
+    """Redis bitmap order: bit 0 is the most significant bit of byte 0."""
+    byte = index >> 3
+    return byte < len(bits) and bool(bits[byte] & (0x80 >> (index & 7)))
+
+
+def _other(outcome: Outcome) -> Outcome:
+    return "rejected" if outcome == "ok" else "ok"
+
+
+def _page_order(key: object) -> int:
+    return int(str(key).rsplit(":", 1)[1])
 
 
 def _key(job_id: str, part: str | None = None) -> str:

@@ -87,7 +87,7 @@ def process_image(task: ImageTask, deps: Dependencies) -> ImageOutcome:
         if winner is None or winner.source_etag != doc.source.etag:
             raise
         return _already_done(task, deps, winner, name)
-    deps.jobs.record_outcome(task.job_id, task.blob, doc.status)
+    deps.jobs.record_outcome(task.job_id, task.index, task.blob, doc.status)
     return ImageOutcome(doc.status, written=True, result_blob=name)
 
 
@@ -131,7 +131,7 @@ def score_bytes(
 
 def _already_done(task: ImageTask, deps: Dependencies, existing: ExistingResult, name: str) -> ImageOutcome:
     status: Status = "ok" if existing.status == "ok" else "rejected"
-    deps.jobs.record_outcome(task.job_id, task.blob, status)
+    deps.jobs.record_outcome(task.job_id, task.index, task.blob, status)
     return ImageOutcome(status, written=False, result_blob=name)
 
 

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = 16 * MiB
     max_image_pixels: int = 80_000_000
 
+    # Producer: most of one job's tasks waiting in the broker at once (~1.2 KB a message: ~50 MB).
+    enqueue_window: int = Field(default=40_000, ge=1)
+
     # Worker.
     worker_concurrency: int = 16
     max_transient_retries: int = 30

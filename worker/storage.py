@@ -60,6 +60,14 @@ class Downloaded:
 
 
 @dataclass(frozen=True)
+class ListingPage:
+    """One page of a listing and the token that continues after it (None after the last page)."""
+
+    blobs: list[ListedBlob]
+    continuation: str | None
+
+
+@dataclass(frozen=True)
 class ListedBlob:
     """One entry of a container listing."""
 
@@ -187,6 +195,25 @@ class BlobStore:
             for item in client.list_blobs(name_starts_with=prefix or None):
                 content_type = item.content_settings.content_type if item.content_settings else None
                 yield ListedBlob(item.name, normalize_etag(item.etag), int(item.size or 0), content_type)
+
+    def list_pages(
+        self, container: str, prefix: str | None, continuation: str | None, page_size: int
+    ) -> Iterator[ListingPage]:
+        """The listing page by page from `continuation`, each with the token that resumes after it."""
+        client = self._service.get_container_client(container)
+        with _translated(f"list {container}/{prefix or ''}"):
+            pager = client.list_blobs(name_starts_with=prefix or None, results_per_page=page_size).by_page(
+                continuation_token=continuation
+            )
+            for page in pager:
+                blobs = [
+                    ListedBlob(
+                        item.name, normalize_etag(item.etag), int(item.size or 0),
+                        item.content_settings.content_type if item.content_settings else None,
+                    )
+                    for item in page
+                ]
+                yield ListingPage(blobs, getattr(pager, "continuation_token", None) or None)
 
     def list_metadata(self, container: str, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
         """(name, metadata) of every blob under `prefix`, in one listing rather than one request per blob."""

@@ -99,9 +99,9 @@ def _finish_with_error(task: ImageTask, worker: WorkerResources, code: Rejection
         model = _model_of(worker.settings, task.service)
         doc = rejected_result(task, source, model, PermanentError(code, message), {})
         worker.store.write_result(task.results_container, name, doc.to_json(), result_metadata(doc), etag)
-        worker.jobs.record_outcome(task.job_id, task.blob, "rejected")
+        worker.jobs.record_outcome(task.job_id, task.index, task.blob, "rejected")
     else:
-        worker.jobs.record_outcome(task.job_id, task.blob, "ok" if existing.status == "ok" else "rejected")
+        worker.jobs.record_outcome(task.job_id, task.index, task.blob, "ok" if existing.status == "ok" else "rejected")
     return "rejected"
 
 

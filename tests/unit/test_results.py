@@ -19,7 +19,7 @@ from worker.results import (
 )
 
 TASK = ImageTask(
-    job_id="j1", container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234, service="local",
+    job_id="j1", index=0, container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234, service="local",
     results_container="photos", results_prefix="blobscore-results/local/",
 )
 SOURCE = SourceRef(container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234)
