@@ -81,6 +81,13 @@ class DetectionDoc(BaseModel):
     box_px: list[float]
 
 
+class ResizeDoc(BaseModel):
+    """Set when the worker sent a smaller copy of a large photo instead of the original bytes."""
+
+    original: list[int]
+    sent: list[int]
+
+
 class ErrorDoc(BaseModel):
     """Why an image was rejected."""
 
@@ -98,6 +105,7 @@ class ResultDoc(BaseModel):
     service: ServiceRef
     labels: list[LabelDoc] | None = None
     detections: list[DetectionDoc] | None = None
+    resized: ResizeDoc | None = None
     error: ErrorDoc | None = None
     scored_at: str
     timings_ms: dict[str, float]

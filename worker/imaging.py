@@ -6,7 +6,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import PermanentError, RejectionCode
 
@@ -66,3 +66,39 @@ def _decode_fully(image: Image.Image) -> None:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise PermanentError(RejectionCode.TRUNCATED, f"the JPEG stream does not decode: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Shrunk:
+    """A re-encoded, smaller copy of an image, and the sizes before and after."""
+
+    data: bytes
+    original: tuple[int, int]
+    size: tuple[int, int]
+
+
+def shrink_for_model(data: bytes, facts: ImageFacts, short_side: int, quality: int = 90) -> Shrunk | None:
+    """A copy whose short side is `short_side`, when the image is over twice that; else None (send as is).
+
+    JPEG draft mode decodes at a reduced DCT scale (cheap), EXIF orientation is applied (the copy carries no
+    EXIF), and the copy is re-encoded well under gRPC's 4 MB default message limit.
+    """
+    if min(facts.width, facts.height) <= 2 * short_side:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", _draft_target(facts, short_side))
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+    scale = short_side / min(upright.size)
+    resized = upright.resize((max(1, round(upright.width * scale)), max(1, round(upright.height * scale))),
+                             Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG", quality=quality)
+    return Shrunk(buffer.getvalue(), (facts.width, facts.height), resized.size)
+
+
+def _draft_target(facts: ImageFacts, short_side: int) -> tuple[int, int]:
+    # Draft picks the smallest DCT scale still at least this large, so the resize below only ever shrinks.
+    scale = short_side / min(facts.width, facts.height)
+    return max(1, int(facts.width * scale) + 1), max(1, int(facts.height * scale) + 1)

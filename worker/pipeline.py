@@ -10,9 +10,9 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from worker.contracts import ImageTask, ResultDoc, SourceRef
+from worker.contracts import ImageTask, ResizeDoc, ResultDoc, SourceRef
 from worker.errors import PermanentError
-from worker.imaging import check_image
+from worker.imaging import check_image, shrink_for_model
 from worker.jobs import JobStore
 from worker.models.catalog import ModelProfile
 from worker.models.postprocess import PostprocessOptions, postprocess
@@ -46,6 +46,9 @@ class Limits:
     max_image_bytes: int
     max_image_pixels: int
     postprocess: PostprocessOptions
+    # When set, photos whose short side is over twice this are sent as a smaller copy (off by default: the FPGA
+    # graph does its own preprocessing of the original bytes).
+    shrink_short_side: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,18 @@ def score_bytes(
     timings = dict(timings or {})
     try:
         facts = check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        shrunk = shrink_for_model(data, facts, limits.shrink_short_side) if limits.shrink_short_side else None
         started = time.perf_counter()
-        outputs = scorer.predict(data)
+        outputs = scorer.predict(shrunk.data if shrunk else data)
         timings["score"] = _ms_since(started)
         prediction = postprocess(profile, outputs, (facts.width, facts.height), limits.postprocess)
     except PermanentError as error:
         log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
         return rejected_result(task, source, profile.name, error, timings)
-    return ok_result(task, source, profile.name, prediction, timings)
+    doc = ok_result(task, source, profile.name, prediction, timings)
+    if shrunk is None:
+        return doc
+    return doc.model_copy(update={"resized": ResizeDoc(original=list(shrunk.original), sent=list(shrunk.size))})
 
 
 def _already_done(task: ImageTask, deps: Dependencies, existing: ExistingResult, name: str) -> ImageOutcome:

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Input limits, checked before anything is decoded.
     max_image_bytes: int = 16 * MiB
     max_image_pixels: int = 80_000_000
+    # Off by default: send the original bytes. When set (e.g. 448), photos whose short side is over twice this
+    # are sent as a JPEG copy with this short side (EXIF orientation applied), recorded in the result.
+    shrink_short_side: int | None = Field(default=None, ge=32)
 
     # Producer: most of one job's tasks waiting in the broker at once (~1.2 KB a message: ~50 MB).
     enqueue_window: int = Field(default=40_000, ge=1)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from worker.errors import PermanentError, RejectionCode
-from worker.imaging import check_image
+from worker.imaging import check_image, shrink_for_model
 
 LIMITS = {"max_bytes": 16 * 1024 * 1024, "max_pixels": 80_000_000}
 
@@ -63,3 +63,28 @@ def test_header_claiming_60000_by_60000_is_rejected_before_decoding() -> None:
     sof = data.find(b"\xff\xc0")
     data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
     assert _code(bytes(data)) is RejectionCode.TOO_MANY_PIXELS
+
+
+def _with_orientation(data: bytes, orientation: int) -> bytes:
+    image = Image.open(io.BytesIO(data))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=90)
+    return buffer.getvalue()
+
+
+def test_large_photos_shrink_upright_when_asked() -> None:
+    data = _with_orientation(_encode("JPEG", size=(2000, 1200)), 6)  # stored landscape, shown portrait
+    facts = check_image(data, **LIMITS)
+    shrunk = shrink_for_model(data, facts, 448)
+    assert shrunk is not None
+    assert shrunk.original == (2000, 1200)
+    assert shrunk.size == (448, 747)  # rotated by the EXIF orientation, short side 448
+    assert check_image(shrunk.data, **LIMITS).format == "JPEG"
+    assert len(shrunk.data) < len(data)
+
+
+def test_photos_near_the_model_size_are_sent_as_they_are() -> None:
+    data = _encode("JPEG", size=(800, 600))
+    assert shrink_for_model(data, check_image(data, **LIMITS), 448) is None
