@@ -71,25 +71,47 @@ class Dependencies:
     limits: Limits
 
 
-def process_image(task: ImageTask, deps: Dependencies) -> ImageOutcome:
-    """Score one image and write its one result; a redelivered task finds the current result and stops."""
+def process_image(task: ImageTask, deps: Dependencies, *, check_first: bool = True) -> ImageOutcome:
+    """Score one image and write its one result.
+
+    With `check_first` (a redelivered or retried task) an existing current result is found before anything
+    is downloaded or scored. A first delivery skips that request: the producer queued the image because it had
+    no current result, and the create-only write below still refuses to write a second one.
+    """
     name = result_blob_name(task.results_prefix, task.blob)
-    existing, result_etag = deps.store.existing_result(task.results_container, name)
-    if existing is not None and is_current(existing, task.etag):
-        return _already_done(task, deps, existing, name)
+    existing, result_etag = (None, None)
+    if check_first:
+        existing, result_etag = deps.store.existing_result(task.results_container, name)
+        if existing is not None and is_current(existing, task.etag):
+            return _already_done(task, deps, existing, name)
     doc = score_to_result(task, deps)
     if existing is not None and is_current(existing, doc.source.etag):
         return _already_done(task, deps, existing, name)
+    return _write_once(task, deps, doc, name, result_etag)
+
+
+def _write_once(
+    task: ImageTask, deps: Dependencies, doc: ResultDoc, name: str, result_etag: str | None
+) -> ImageOutcome:
+    """Create the result (or replace exactly the stale version read), recognising a write that beat ours."""
+    body, metadata = doc.to_json(), result_metadata(doc)
     try:
-        deps.store.write_result(
-            task.results_container, name, doc.to_json(), result_metadata(doc), replaces_etag=result_etag
-        )
+        deps.store.write_result(task.results_container, name, body, metadata, replaces_etag=result_etag)
     except ResultConflictError:
-        # Another delivery of this task (or a lost reply of our own upload) wrote first: keep what is there.
-        winner, _ = deps.store.existing_result(task.results_container, name)
-        if winner is None or winner.source_etag != doc.source.etag:
+        # Another delivery (or a lost reply of our own upload) wrote first, or a result of an older version.
+        winner, winner_etag = deps.store.existing_result(task.results_container, name)
+        if winner is not None and winner.source_etag == doc.source.etag:
+            return _already_done(task, deps, winner, name)
+        if result_etag is not None or winner_etag is None or winner is None:
             raise
-        return _already_done(task, deps, winner, name)
+        current_source = deps.store.source_etag(task.container, task.blob)
+        if current_source == winner.source_etag:
+            # The stored result describes the source as it is now (it changed after our download): keep it.
+            return _already_done(task, deps, winner, name)
+        if current_source != doc.source.etag:
+            raise ResultConflictError(f"{task.blob} changed again while it was scored") from None
+        # A result of an older source version: replace exactly the version just read.
+        deps.store.write_result(task.results_container, name, body, metadata, replaces_etag=winner_etag)
     deps.jobs.record_outcome(task.job_id, task.index, task.blob, doc.status)
     return ImageOutcome(doc.status, written=True, result_blob=name)
 

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # Blob Storage: a connection string, or an account URL with an azure-identity credential.
     blob_connection_string: SecretStr | None = None
     blob_account_url: str | None = None
+    # Honour HTTP(S)_PROXY and ~/.netrc for Blob Storage (off: requests would look them up on every call).
+    blob_use_env_proxies: bool = False
 
     # Named scoring services (the config file's [services.NAME] tables); see worker/services.py.
     services: dict[str, ServiceConfig] = Field(default_factory=dict)

@@ -50,8 +50,20 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             ) from exc
 
 
+def is_repeat_delivery(task_self: Task) -> bool:
+    """A retry, or a message the broker restored after a worker died or shut down (kombu marks those)."""
+    delivery_info = task_self.request.delivery_info or {}
+    return bool(task_self.request.retries) or bool(delivery_info.get("redelivered"))
+
+
 def _guarded(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
-    """Poison-pill guard around one run: a start that never finishes (crash, hang) is counted."""
+    """Poison-pill guard around one run: a redelivered start that never finishes (crash, hang) is counted.
+
+    A first delivery costs no Redis call here: an image that kills its worker comes back redelivered, and from
+    then on every start is counted, so it is rejected after max_crash_attempts redeliveries.
+    """
+    if not is_repeat_delivery(task_self):
+        return _run(task_self, task, worker, settings)
     if worker.attempts.started(task.job_id, task.blob) > settings.max_crash_attempts:
         log.error("poison pill %s/%s: its task never finished %d times", task.container, task.blob,
                   settings.max_crash_attempts)
@@ -70,7 +82,7 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
     try:
         service = worker.for_service(task.service)
         service.breaker.check()
-        status = process_image(task, service.deps).status
+        status = process_image(task, service.deps, check_first=is_repeat_delivery(task_self)).status
     except CircuitOpenError as exc:
         # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
         worker.jobs.record_retry(task.job_id, task.blob)

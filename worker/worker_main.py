@@ -43,8 +43,10 @@ def run_worker(
 ) -> None:
     """Run the worker in this process until it is told to stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # azure-core logs every request and its headers at INFO; keep worker logs about images.
-    logging.getLogger("azure").setLevel(logging.WARNING)
+    # azure-core logs every request and its headers at INFO, Celery two lines per task: at millions of images
+    # that is most of the log and a share of the CPU. Failures, retries and rejections are still logged.
+    for noisy in ("azure", "celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     queues = queues_to_consume(settings, region, services)
     app = create_app(settings)
     app.worker_main(worker_argv(settings, queues, concurrency))
