@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from pydantic import ValidationError
 
 from worker.breaker import CircuitOpenError
@@ -45,9 +45,15 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             # the message with no result, so it is always retried; if even that fails, the unacked message
             # comes back after the visibility timeout.
             log.warning("retrying %s/%s after a bookkeeping failure: %s", task.container, task.blob, exc)
-            raise self.retry(
-                exc=exc, countdown=backoff_delay(self.request.retries, settings.retry_backoff_max_s)
-            ) from exc
+            try:
+                raise self.retry(
+                    exc=exc, countdown=backoff_delay(self.request.retries, settings.retry_backoff_max_s)
+                ) from exc
+            except Reject as rejected:
+                # Celery turns a retry it cannot publish (the broker is down) into a reject *without* requeue,
+                # which would drop the message with no result counted: give it back instead. If even that cannot
+                # reach the broker, the message stays unacked and returns after the visibility timeout.
+                raise Reject(rejected.reason, requeue=True) from exc
 
 
 def is_repeat_delivery(task_self: Task) -> bool:
