@@ -100,12 +100,14 @@ def _write_once(
     except ResultConflictError:
         # Another delivery (or a lost reply of our own upload) wrote first, or a result of an older version.
         winner, winner_etag = deps.store.existing_result(task.results_container, name)
-        if winner is not None and winner.source_etag == doc.source.etag:
+        if winner is not None and is_current(winner, doc.source.etag):
             return _already_done(task, deps, winner, name)
         if result_etag is not None or winner_etag is None or winner is None:
             raise
         current_source = deps.store.source_etag(task.container, task.blob)
-        if current_source == winner.source_etag:
+        # A stored result of this very version that is not current is a retryable rejection (retries_exhausted,
+        # internal_error) an earlier job gave up with: this job scored the image, so it is replaced below.
+        if winner.source_etag != doc.source.etag and current_source == winner.source_etag:
             # The stored result describes the source as it is now (it changed after our download): keep it.
             return _already_done(task, deps, winner, name)
         if current_source != doc.source.etag:
