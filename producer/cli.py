@@ -16,6 +16,7 @@ from producer import exports
 from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
+from producer.schedule_cli import mount as mount_schedules
 from worker.errors import BlobscoreError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings
@@ -27,6 +28,7 @@ samples_app = typer.Typer(help="Real sample photos for trying blobscore.", no_ar
 app.add_typer(samples_app, name="samples")
 services_app = typer.Typer(help="The scoring services this configuration knows.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
+mount_schedules(app)
 console = Console(stderr=True)
 
 

@@ -40,6 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        # On a lost broker connection running images finish; their unacknowledged messages come back and find
+        # the results already written (cancelling threads mid-call would gain nothing).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A hung task is interrupted rather than holding its message forever. Celery enforces these in the
         # prefork pool; in the thread pool the per-call deadlines (gRPC, Blob, Redis) bound each task instead.
         "task_soft_time_limit": settings.task_time_limit_s - 10,

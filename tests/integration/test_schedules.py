@@ -35,7 +35,7 @@ KEY = "schedules-secret-key"
 SERVICE = "sched-svc"
 RESULTS = f"blobscore-results/{SERVICE}/"
 # The schedules CLI; `blobscore schedule ...` / `blobscore beat` once mounted on producer.cli.
-CLI = "producer.schedule_cli"
+CLI = "producer.cli"
 T = TypeVar("T")
 
 
