@@ -36,6 +36,8 @@ def _mount_optional_apps() -> None:
     from deploy.local.cli import app as stack_app
     from deploy.standin.cli import app as standin_app
 
+    if any(group.name == "stack" for group in app.registered_groups):
+        return
     app.add_typer(stack_app, name="stack", help="Run the local stack: Redis, Azurite, the stand-in, a worker.")
     app.add_typer(standin_app, name="standin", help="The local stand-in scoring service (real CPU model).")
 
