@@ -22,16 +22,18 @@ cutime+cstime and live descendants):
  * images_per_s — n / (job done − first worker ready). images_per_s_steady: between 10 % and 90 % finished.
  * worker_cpu_ms_per_image — CPU of the worker processes (each from the moment it logged `ready.` to job done,
    so interpreter start and imports are excluded, lazy adapter creation included) / n.
- * added_latency_ms_p50 / _p99 — per image: the task's run time as Celery itself logs it ("Task …[id] succeeded
-   in X s": from the task function's start to its return, i.e. after the result upload and the job-counter
-   update) minus `timings_ms.score` of that image's result document (the Predict call as the worker timed it).
-   Task ids are matched to blobs through the prefilled queue's messages; up to --latency-sample images are read.
-   task_ms_p50/p99, download_ms_p50 and score_ms_p50 are the parts.
+ * added_latency_ms_p50 / _p99 — per image: the task's run time (Celery's task_prerun to task_postrun signals,
+   i.e. from the task function's start to its return, after the result upload and the job-counter update;
+   recorded by a measurement probe, see PROBE_SOURCE) minus `timings_ms.score` of that image's result document
+   (the Predict call as the worker timed it). Task ids are matched to blobs through the prefilled queue's
+   messages; up to --latency-sample result documents are read. task_ms_p50/p99, download_ms_p50 and
+   score_ms_p50/p99 are the parts; added_latency_ms_p99_after_first_batch leaves out each process's first
+   `in-flight` tasks (a freshly started process's first batch).
+ * worker_first_task_s — earliest worker launch to the first task start (probe).
  * redis_peak_mb — peak `INFO memory` used_memory (sampled every 100 ms from before the enqueue to job done)
    minus used_memory just before the enqueue (an empty database).
  * worker_rss_mb — the largest VmHWM (peak resident set) of the worker processes.
- * worker_startup_s — process launch to its `ready.` log line (log timestamp); worker_first_task_s — launch to
-   the first "received" line.
+ * worker_startup_s — process launch to its `ready.` log line (its timestamp), the slowest process.
  * enqueue_cli_s — wall time of the enqueue command for n images (interpreter start included).
  * handwritten_images_per_s — bench/handwritten_threads.py, P processes × C threads, same n images, same stack,
    run right after; baseline_images_per_s — bench/baseline_loop.py (one image at a time) at the same latency;
@@ -424,14 +426,22 @@ def install_probe(workdir: Path) -> Path:
 
 
 def read_probe(prefix: Path) -> dict[str, tuple[float, float, str]]:
-    """Per task id: (start epoch seconds, run time ms, state), from every worker process's probe file."""
+    """Per task id: (start epoch seconds, run time ms, worker pid), from every worker process's probe file."""
     rows: dict[str, tuple[float, float, str]] = {}
     for path in prefix.parent.glob(f"{prefix.name}.*"):
         for line in path.read_text().splitlines():
             parts = line.split()
             if len(parts) == 4:
-                rows[parts[0]] = (float(parts[1]), float(parts[2]), parts[3])
+                rows[parts[0]] = (float(parts[1]), float(parts[2]), path.suffix.lstrip("."))
     return rows
+
+
+def first_tasks(probed: dict[str, tuple[float, float, str]], per_process: int) -> set[str]:
+    """The ids of each worker process's first `per_process` tasks (its first batch in flight: warm-up)."""
+    by_pid: dict[str, list[tuple[float, str]]] = {}
+    for task_id, (start, _, pid) in probed.items():
+        by_pid.setdefault(pid, []).append((start, task_id))
+    return {task_id for rows in by_pid.values() for _, task_id in sorted(rows)[:per_process]}
 
 
 @dataclass
@@ -593,7 +603,8 @@ def run_worker_scenario(stack: Stack, scenario: Scenario, index: int, latency_sa
         "worker_startup_s": r3(max((run.ready_at or 0) - run.launched_at for run in workers)),
         "enqueue_cli_s": r3(enqueue_wall),
     })
-    out.update(_latency_figures(stack, workers, read_probe(probe), tasks, results_container, latency_sample))
+    out.update(_latency_figures(stack, workers, read_probe(probe), tasks, results_container, latency_sample,
+                                scenario.inflight))
     delete_container(stack, results_container)
     client.flushdb()
     client.close()
@@ -602,7 +613,7 @@ def run_worker_scenario(stack: Stack, scenario: Scenario, index: int, latency_sa
 
 def _latency_figures(
     stack: Stack, workers: list[WorkerRun], probed: dict[str, tuple[float, float, str]],
-    tasks: dict[str, dict[str, Any]], results_container: str, sample: int,
+    tasks: dict[str, dict[str, Any]], results_container: str, sample: int, inflight: int,
 ) -> dict[str, Any]:
     """Per-image added latency: the probe's task run time minus the result document's score time."""
     retry_lines = 0
@@ -622,7 +633,8 @@ def _latency_figures(
     chosen = random.Random(1).sample(matched, min(sample, len(matched)))
     names = {f"{task['results_prefix']}{task['blob']}.json": task_id for task_id, task in chosen}
     docs = read_docs(stack, results_container, list(names))
-    added, task_ms, download, score = [], [], [], []
+    warm_up = first_tasks(probed, inflight)
+    added, added_warm, task_ms, download, score = [], [], [], [], []
     for name, doc in docs.items():
         timings = doc.get("timings_ms", {})
         runtime = probed[names[name]][1]
@@ -630,10 +642,14 @@ def _latency_figures(
         download.append(float(timings.get("download", 0.0)))
         score.append(float(timings.get("score", 0.0)))
         added.append(runtime - score[-1])
+        if names[name] not in warm_up:
+            added_warm.append(added[-1])
     figures.update({
         "added_latency_ms_p50": r3(percentile(added, 50)),
         "added_latency_ms_p99": r3(percentile(added, 99)),
         "added_latency_sampled_images": len(added),
+        # Without each process's first batch (its first `in-flight` tasks, which meet a cold process).
+        "added_latency_ms_p99_after_first_batch": r3(percentile(added_warm, 99)),
         "task_ms_p50": r3(percentile(task_ms, 50)),
         "task_ms_p99": r3(percentile(task_ms, 99)),
         "download_ms_p50": r3(percentile(download, 50)),
@@ -989,7 +1005,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, nargs="+", default=None, help="Worker process counts.")
     parser.add_argument("--inflight", type=int, nargs="+", default=None, help="Images in flight per process.")
     parser.add_argument("--images", type=int, default=None, help="JPEGs uploaded (a scenario uses at most these).")
-    parser.add_argument("--images-per-slot", type=int, default=30,
+    parser.add_argument("--images-per-slot", type=int, default=20,
                         help="A scenario scores min(images, max(min-images, this × processes × in-flight)).")
     parser.add_argument("--min-images", type=int, default=200)
     parser.add_argument("--baseline-images", type=int, default=None, help="Images for the plain loop.")

@@ -41,11 +41,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from pipeline import (
     SERVICE,
     SOURCE,
+    SYNTH_CONTAINER,
+    SYNTH_RESULTS,
     blobscore_env,
     cpu_s,
     r3,
@@ -56,6 +59,9 @@ from pipeline import (
     upload_images,
     wait_until_done,
 )
+
+from deploy.local.azurite import connection_string
+from deploy.local.procs import ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OURS = re.compile(re.escape(str(REPO)) + r"/((?:worker|producer)/[\w/]+\.py)")
@@ -83,6 +89,12 @@ NOTABLE = {
     "kombu: new redis.Redis client (Channel._create_client)": r"^Channel\._create_client ",
     "Celery: tracer around the task (trace_task)": r"^build_tracer\.<locals>\.trace_task ",
     "logging": r"^Logger\.",
+    "producer: listing (BlobStore.list_pages)": r"^BlobStore\.list_pages ",
+    "producer: results listing (BlobStore.list_metadata)": r"^BlobStore\.list_metadata ",
+    "producer: publishing (TaskPublisher.__call__)": r"^TaskPublisher\.__call__ ",
+    "producer: Celery send_task": r"^Celery\.send_task ",
+    "producer: ImageTask per image (task_for)": r"^task_for ",
+    "producer: job record (JobStore.record_page/advance)": r"^JobStore\.(record_page|advance) ",
 }
 PACKAGE = re.compile(r"site-packages/([A-Za-z_][\w]*)")
 STDLIB = re.compile(r"/lib/python3\.\d+/(?!site-packages)([\w]+)")
@@ -214,6 +226,71 @@ def redis_commands(client: redis.Redis, images: int) -> dict[str, float]:
             if name not in ("info", "config")}
 
 
+def summarize_samples(raw: Path, rate: int, images: int) -> dict[str, Any]:
+    """The sample views (components, steps, notable pieces, leaves, inclusive) of a py-spy raw file."""
+    stacks = read_raw(raw)
+    total = sum(count for _, count in stacks) or 1
+    components: collections.Counter[str] = collections.Counter()
+    steps: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    notable: collections.Counter[str] = collections.Counter()
+    patterns = {name: re.compile(pattern) for name, pattern in NOTABLE.items()}
+    for frames, count in stacks:
+        component, step = classify(frames)
+        components[component] += count
+        steps[step] += count
+        if frames:
+            leaves[short(frames[-1])] += count
+        for frame in {short(frame) for frame in frames}:
+            inclusive[frame] += count
+        for name, pattern in patterns.items():
+            if any(pattern.search(frame) for frame in frames):
+                notable[name] += count
+    return {
+        "py_spy_samples": total, "py_spy_rate": rate,
+        # Samples × sampling period / images: the CPU the sampled threads spent, per image.
+        "sampled_ms_per_image": r3(total / rate * 1000 / images),
+        "by_component_pct": pct(components, total),
+        "notable_inclusive_pct": pct(notable, total, len(NOTABLE)),
+        "by_step_pct": pct(steps, total),
+        "top_self_pct": pct(leaves, total, 25),
+        "top_inclusive_pct": pct(inclusive, total, 40),
+    }
+
+
+def profile_producer(workdir: Path, images: int, rate: int, py_spy: str) -> dict[str, Any]:
+    """py-spy on `blobscore enqueue` of `images` generated names from the synthetic listing, queue not consumed."""
+    port = free_port()
+    logs = workdir / "logs"
+    server = ManagedProcess.start([sys.executable, str(Path(__file__).resolve().parent / "pipeline.py"),
+                                   "--serve-synthetic-listing", "--listing-port", str(port), "--listing-count",
+                                   str(images)], logs / "synthetic-listing.log", cwd=workdir)
+    stack = start_stack(workdir, [], 64)
+    try:
+        server.wait_for_log("listening on", 60)
+        env = blobscore_env(stack, 1, "bench-producer", BLOBSCORE_BLOB_CONNECTION_STRING=connection_string(port),
+                            BLOBSCORE_ENQUEUE_WINDOW=str(images + 1))
+        raw = workdir / "py-spy-producer.txt"
+        started = time.perf_counter()
+        done = subprocess.run([py_spy, "record", "--rate", str(rate), "--format", "raw", "--full-filenames",
+                               "--nolineno", "--gil", "--nonblocking", "--output", str(raw), "--",
+                               sys.executable, "-m", "producer.cli", "enqueue", "--container", SYNTH_CONTAINER,
+                               "--results-container", SYNTH_RESULTS, "--json"],
+                              env=env, cwd=logs, capture_output=True, text=True, timeout=1800, check=False)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"profiled enqueue failed:\n{done.stderr[-3000:]}")
+        # py-spy prints its own lines too: the command's JSON is the line that starts with a brace.
+        report = next(line for line in done.stdout.splitlines() if line.startswith("{"))
+        listed = int(json.loads(report)["listed"])
+        return {"producer_images": listed, "producer_wall_s_under_py_spy": r3(wall),
+                **summarize_samples(raw, rate, listed)}
+    finally:
+        stack.stop()
+        server.stop()
+
+
 def main() -> None:
     """Run one profiled worker and print the figures."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
@@ -226,6 +303,8 @@ def main() -> None:
     parser.add_argument("--blocking", action="store_true", help="Pause the worker for each sample (exact, slower).")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="Also write the JSON object here.")
+    parser.add_argument("--producer", type=int, default=0, metavar="N",
+                        help="Instead: profile `blobscore enqueue` of N generated names (synthetic listing).")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -233,6 +312,16 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="blobscore-profile-"))
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.producer:
+        try:
+            out = profile_producer(workdir, args.producer, args.rate, py_spy)
+            print(json.dumps(out, indent=1))
+            if args.out:
+                args.out.write_text(json.dumps(out, indent=1) + "\n")
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return
     stack = start_stack(workdir, [args.latency_ms], 64, access_log=True)
     try:
         upload_images(stack, args.images)
@@ -266,38 +355,12 @@ def main() -> None:
         spy.wait(timeout=60)
         time.sleep(0.5)  # Azurite writes its access log asynchronously
         worker.process.stop(timeout=20)
-        stacks = read_raw(raw)
-        total = sum(count for _, count in stacks) or 1
-        components: collections.Counter[str] = collections.Counter()
-        steps: collections.Counter[str] = collections.Counter()
-        leaves: collections.Counter[str] = collections.Counter()
-        inclusive: collections.Counter[str] = collections.Counter()
-        notable: collections.Counter[str] = collections.Counter()
-        patterns = {name: re.compile(pattern) for name, pattern in NOTABLE.items()}
-        for frames, count in stacks:
-            component, step = classify(frames)
-            components[component] += count
-            steps[step] += count
-            if frames:
-                leaves[short(frames[-1])] += count
-            for frame in {short(frame) for frame in frames}:
-                inclusive[frame] += count
-            for name, pattern in patterns.items():
-                if any(pattern.search(frame) for frame in frames):
-                    notable[name] += count
         print(json.dumps(out := {
             "images": images, "job": final, "inflight": args.inflight, "scorer_latency_ms": args.latency_ms,
             "images_per_s": r3(images / elapsed), "worker_cpu_ms_per_image": r3(cpu * 1000 / images),
             "worker_rss_mb": r3(rss),
             "cpu_by_thread_ms_per_image": thread_groups(pid, threads_before, threads_after, images),
-            "py_spy_samples": total, "py_spy_rate": args.rate, "py_spy_flags": spy_flags,
-            # Samples × sampling period / images: the CPU the sampled threads spent, per image.
-            "sampled_ms_per_image": r3(total / args.rate * 1000 / images),
-            "by_component_pct": pct(components, total),
-            "notable_inclusive_pct": pct(notable, total, len(NOTABLE)),
-            "by_step_pct": pct(steps, total),
-            "top_self_pct": pct(leaves, total, 25),
-            "top_inclusive_pct": pct(inclusive, total, 40),
+            "py_spy_flags": spy_flags, **summarize_samples(raw, args.rate, images),
             "http_requests_per_image": azurite_requests(azurite_log, offset, "res-profile", images),
             "redis_commands_per_image": redis_commands(client, images),
             "service": SERVICE,
