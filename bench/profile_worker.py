@@ -87,7 +87,8 @@ NOTABLE = {
     "Celery: message -> Request (task_message_handler)": r"^default\.<locals>\.task_message_handler ",
     "Celery: ack (kombu QoS.ack, new redis client per ack)": r"^QoS\.ack ",
     "kombu: new redis.Redis client (Channel._create_client)": r"^Channel\._create_client ",
-    "Celery: tracer around the task (trace_task)": r"^build_tracer\.<locals>\.trace_task ",
+    "Celery: tracer around the task (trace_task, task included)": r"^build_tracer\.<locals>\.trace_task ",
+    "blobscore task function (score_image, all of the image's work)": r"^register_tasks\.<locals>\.score_image ",
     "logging": r"^Logger\.",
     "producer: listing (BlobStore.list_pages)": r"^BlobStore\.list_pages ",
     "producer: results listing (BlobStore.list_metadata)": r"^BlobStore\.list_metadata ",
@@ -247,8 +248,12 @@ def summarize_samples(raw: Path, rate: int, images: int) -> dict[str, Any]:
         for name, pattern in patterns.items():
             if any(pattern.search(frame) for frame in frames):
                 notable[name] += count
+    tracer = notable["Celery: tracer around the task (trace_task, task included)"]
+    task = notable["blobscore task function (score_image, all of the image's work)"]
     return {
         "py_spy_samples": total, "py_spy_rate": rate,
+        # Celery's own work in the pool threads: the tracer minus the task function it runs.
+        "celery_pool_thread_overhead_pct": round(100 * (tracer - task) / total, 1),
         # Samples × sampling period / images: the CPU the sampled threads spent, per image.
         "sampled_ms_per_image": r3(total / rate * 1000 / images),
         "by_component_pct": pct(components, total),
