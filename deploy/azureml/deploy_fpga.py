@@ -54,9 +54,6 @@ INPUT_NAME = "Placeholder:0"
 DEFAULT_MODELS_DIR = Path.home() / ".cache" / "blobscore" / "azureml-models"
 DRY_RUN_HOST = "<scoring host: known after deployment>"
 
-_SSD_BLOCKS = ("block4", "block7", "block8", "block9", "block10", "block11")
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """Arguments of `azureml.accel.models.utils.preprocess_array` for one model."""
@@ -80,7 +77,7 @@ class AccelModelSpec:
 
     profile: str
     sdk_class: str
-    # The output tensor names Microsoft documents for the cloud (AKS) service with the default classifier.
+    # The output tensor names of the cloud (AKS) service with the default classifier: the worker's catalog.
     outputs: tuple[str, ...]
     default_classifier: bool
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -92,22 +89,20 @@ MODELS: dict[str, AccelModelSpec] = {
     spec.profile: spec
     for spec in (
         AccelModelSpec(
-            "resnet50", "QuantizedResnet50", ("classifier_1/resnet_v1_50/predictions/Softmax:0",), True,
+            "resnet50", "QuantizedResnet50", get_profile("resnet50").outputs, True,
             edge_outputs=("classifier/resnet_v1_50/predictions/Softmax:0",),
         ),
-        AccelModelSpec("resnet152", "QuantizedResnet152", ("classifier/resnet_v1_152/predictions/Softmax:0",), True),
+        AccelModelSpec("resnet152", "QuantizedResnet152", get_profile("resnet152").outputs, True),
         # The SDK's class documents RGB input with a scaling factor of 0.017.
         AccelModelSpec(
-            "densenet121", "QuantizedDensenet121", ("classifier/densenet121/predictions/Softmax:0",), True,
+            "densenet121", "QuantizedDensenet121", get_profile("densenet121").outputs, True,
             Preprocessing(scaling_factor=0.017),
         ),
-        AccelModelSpec("vgg16", "QuantizedVgg16", ("classifier/vgg_16/fc8/squeezed:0",), True),
+        AccelModelSpec("vgg16", "QuantizedVgg16", get_profile("vgg16").outputs, True),
         # No classifier: the 12 SSD tensors (class logits, then box offsets) are the outputs.
         AccelModelSpec(
-            "ssd_vgg", "QuantizedSsdVgg",
-            tuple(f"ssd_300_vgg/{block}_box/Reshape_1:0" for block in _SSD_BLOCKS)
-            + tuple(f"ssd_300_vgg/{block}_box/Reshape:0" for block in _SSD_BLOCKS),
-            False, Preprocessing(output_height=300, output_width=300, preserve_aspect_ratio=False),
+            "ssd_vgg", "QuantizedSsdVgg", get_profile("ssd_vgg").outputs, False,
+            Preprocessing(output_height=300, output_width=300, preserve_aspect_ratio=False),
         ),
     )
 }
