@@ -10,17 +10,16 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
-from fault_helpers import FAST_SETTINGS, KEY, FaultJob, Processes, new_service_name
+from fault_helpers import AzuriteService, FaultJob, Processes, fault_env, new_service_name, start_logged_azurite
 
-from deploy.local.azurite import AzuriteUnavailableError, connection_string, start_azurite
-from deploy.local.procs import ManagedProcess, free_port
+from deploy.local.azurite import connection_string
+from deploy.local.procs import free_port
 from deploy.local.redis_local import RedisUnavailableError, ensure_redis
 
 # The machine's Redis, a database of the fault suite's own (the integration tests flush database 9).
@@ -28,16 +27,7 @@ FAULTS_REDIS_URL = "redis://127.0.0.1:6379/10"
 # Tallies of this session's scenarios, printed as a table at the end and written to a JSON file.
 _TALLIES: list[dict[str, Any]] = []
 _REPORT_FILE: list[Path] = []
-
-
-@dataclass(frozen=True)
-class AzuriteService:
-    """A running Azurite and the file its access log goes to."""
-
-    port: int
-    connection_string: str
-    log: Path
-    process: ManagedProcess
+REPORT_ENV = "BLOBSCORE_FAULTS_REPORT"
 
 
 MakeJob = Callable[..., FaultJob]
@@ -69,14 +59,6 @@ def faults_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         started.stop()
 
 
-def start_logged_azurite(port: int, log: Path, location: Path | None = None) -> ManagedProcess:
-    """Azurite with its access log on (one line per request: how result writes are counted)."""
-    try:
-        return start_azurite(port, log, location, access_log=True)
-    except AzuriteUnavailableError as exc:
-        pytest.fail(f"the fault suite needs Azurite (npm package from package.json): {exc}", pytrace=False)
-
-
 @pytest.fixture(scope="session")
 def faults_azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteService]:
     """An in-memory Azurite of the fault suite's own, on a free port, logging every request."""
@@ -100,29 +82,6 @@ def procs() -> Iterator[Processes]:
     processes = Processes()
     yield processes
     processes.stop_all()
-
-
-def fault_env(
-    *, broker_url: str, blob_connection_string: str, scoring_port: int, service: str,
-    extra: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """The BLOBSCORE_* environment of one test's workers and CLI: own queue, short timeouts, real services."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("BLOBSCORE_")}
-    env.update({
-        "BLOBSCORE_BROKER_URL": broker_url,
-        "BLOBSCORE_QUEUE": f"faults-{uuid.uuid4().hex[:8]}",
-        "BLOBSCORE_BLOB_CONNECTION_STRING": blob_connection_string,
-        "BLOBSCORE_SCORING_ADDRESS": "127.0.0.1",
-        "BLOBSCORE_SCORING_PORT": str(scoring_port),
-        "BLOBSCORE_SCORING_KEY": KEY,
-        "BLOBSCORE_SCORING_SERVICE_NAME": service,
-        "BLOBSCORE_SCORING_MODEL": "resnet50",
-        "BLOBSCORE_SERVICE": service,
-        "PYTHONUNBUFFERED": "1",
-        **FAST_SETTINGS,
-    })
-    env.update(extra or {})
-    return env
 
 
 @pytest.fixture
@@ -162,29 +121,22 @@ def make_job(
 
 
 @pytest.fixture
-def fault_report(request: pytest.FixtureRequest) -> Callable[[dict[str, Any]], None]:
-    """Record a scenario's tally (printed now with -s, and in the table at the end of the session)."""
+def fault_report(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[dict[str, Any]], None]:
+    """Record a scenario's tally: printed now (with -s), in the table at the end of the session, and in a JSON
+    file ($BLOBSCORE_FAULTS_REPORT, else faults-report.json in pytest's temporary root)."""
+    if not _REPORT_FILE:
+        target = os.environ.get(REPORT_ENV)
+        _REPORT_FILE.append(Path(target) if target else tmp_path_factory.getbasetemp() / "faults-report.json")
 
     def record(tally: dict[str, Any]) -> None:
         entry = {"test": request.node.nodeid, **tally}
         _TALLIES.append(entry)
         print(f"\nFAULT TALLY {json.dumps(entry, ensure_ascii=False)}")
-        if _REPORT_FILE:
-            _REPORT_FILE[0].write_text(json.dumps(_TALLIES, indent=2, ensure_ascii=False))
+        _REPORT_FILE[0].write_text(json.dumps(_TALLIES, indent=2, ensure_ascii=False))
 
     return record
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Where the tallies go: $BLOBSCORE_FAULTS_REPORT, else faults-report.json in pytest's temporary root."""
-    _TALLIES.clear()
-    _REPORT_FILE.clear()
-    target = os.environ.get("BLOBSCORE_FAULTS_REPORT")
-    if target:
-        _REPORT_FILE.append(Path(target))
-    else:
-        factory = session.config._tmp_path_factory  # type: ignore[attr-defined]
-        _REPORT_FILE.append(factory.getbasetemp() / "faults-report.json")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

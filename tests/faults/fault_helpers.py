@@ -24,15 +24,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import pytest
 import redis
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
+from deploy.local.azurite import AzuriteUnavailableError, start_azurite
 from deploy.local.procs import ManagedProcess
 from worker.jobs import JobStore
 
@@ -51,6 +53,47 @@ FAST_SETTINGS = {
 }
 VISIBILITY_TIMEOUT_S = float(FAST_SETTINGS["BLOBSCORE_VISIBILITY_TIMEOUT_S"])
 _PUT_LINE = re.compile(r'"PUT (?P<url>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
+
+
+@dataclass(frozen=True)
+class AzuriteService:
+    """A running Azurite and the file its access log goes to."""
+
+    port: int
+    connection_string: str
+    log: Path
+    process: ManagedProcess
+
+
+def start_logged_azurite(port: int, log: Path, location: Path | None = None) -> ManagedProcess:
+    """Azurite with its access log on (one line per request: how result writes are counted)."""
+    try:
+        return start_azurite(port, log, location, access_log=True)
+    except AzuriteUnavailableError as exc:
+        pytest.fail(f"the fault suite needs Azurite (npm package from package.json): {exc}", pytrace=False)
+
+
+def fault_env(
+    *, broker_url: str, blob_connection_string: str, scoring_port: int, service: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The BLOBSCORE_* environment of one test's workers and CLI: own queue, short timeouts, real services."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BLOBSCORE_")}
+    env.update({
+        "BLOBSCORE_BROKER_URL": broker_url,
+        "BLOBSCORE_QUEUE": f"faults-{uuid.uuid4().hex[:8]}",
+        "BLOBSCORE_BLOB_CONNECTION_STRING": blob_connection_string,
+        "BLOBSCORE_SCORING_ADDRESS": "127.0.0.1",
+        "BLOBSCORE_SCORING_PORT": str(scoring_port),
+        "BLOBSCORE_SCORING_KEY": KEY,
+        "BLOBSCORE_SCORING_SERVICE_NAME": service,
+        "BLOBSCORE_SCORING_MODEL": "resnet50",
+        "BLOBSCORE_SERVICE": service,
+        "PYTHONUNBUFFERED": "1",
+        **FAST_SETTINGS,
+    })
+    env.update(extra or {})
+    return env
 
 
 # --- images -------------------------------------------------------------------------------------------------------
@@ -238,6 +281,15 @@ class FaultJob:
         """A JobStore on the job's Redis (close it after use)."""
         return JobStore.from_url(self.jobs_url)
 
+    def counted(self, outcome: Literal["ok", "rejected"]) -> set[str]:
+        """The images the job record counts with `outcome`."""
+        assert self.job_id is not None
+        store = self.jobs()
+        try:
+            return set(store.members(self.job_id, outcome))
+        finally:
+            store.close()
+
     def status(self) -> dict[str, Any]:
         """The job's counts, read straight from Redis (no CLI start-up per poll)."""
         assert self.job_id is not None
@@ -375,9 +427,11 @@ def held(job: FaultJob) -> list[str]:
         client.close()
     names = []
     for entry in entries:
-        message = json.loads(entry)[0]
-        body = json.loads(base64.b64decode(message["body"]))
-        task = body[0][0] if body and body[0] else {}
+        try:
+            message = json.loads(entry)[0]
+            task = json.loads(base64.b64decode(message["body"]))[0][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not one of our JSON task messages (e.g. the pickle scenario's)
         if isinstance(task, dict) and task.get("job_id") == job.job_id:
             names.append(str(task["blob"]))
     return sorted(names)

@@ -114,7 +114,7 @@ def test_crash_after_the_result_upload_before_the_ack_is_not_scored_again(
     assert proxy.written_result is not None
     victim = proxy.written_result.rsplit(job.results_prefix, 1)[1].removesuffix(".json")
     assert job.result_exists(victim)
-    assert victim not in set(job.jobs().members(job.job_id, "ok"))  # counted by nobody yet
+    assert victim not in job.counted("ok")  # counted by nobody yet
     start_worker(procs, job.env, job.workdir / "worker-2.log", concurrency=1)
     done_at = job.wait_done(VISIBILITY_TIMEOUT_S + 30)
     tally = job.tally(recovery_s=round(done_at - proxy.killed_at, 1), crashed_after_upload=victim)

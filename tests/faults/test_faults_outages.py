@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
-from conftest import AzuriteService, start_logged_azurite
 from fault_helpers import (
     VISIBILITY_TIMEOUT_S,
+    AzuriteService,
     Processes,
     assert_clean,
     jpeg_bytes,
     kill9,
+    start_logged_azurite,
     start_worker,
     wait_for,
 )
