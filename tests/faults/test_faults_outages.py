@@ -49,16 +49,30 @@ def test_redis_restarted_mid_job_with_append_only_persistence(
     job = make_job(broker_url=f"redis://127.0.0.1:{port}/0")
     job.start_standin(procs, "--emulate-latency-ms", "300")
     job.upload(_images(12, seed=1000))
-    start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
+    worker = start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
     job.enqueue()
     wait_for(lambda: job.status()["ok"] >= 3, 30, "three images scored")
+    stopping_at = time.monotonic()
+    redis_server.stop()  # TERM: Redis fsyncs its AOF and exits
     stopped_at = time.monotonic()
-    redis_server.stop()
     time.sleep(OUTAGE_S)
     procs.track(start_redis(port, data_dir, appendonly=True))
     restarted_at = time.monotonic()
-    done_at = job.wait_done(VISIBILITY_TIMEOUT_S + 45)
-    tally = job.tally(recovery_s=round(done_at - restarted_at, 1), outage_s=round(restarted_at - stopped_at, 1))
+    # Now and then (about 1 run in 10 here) kombu stops the whole worker when Redis goes away: the pub/sub read of
+    # its remote-control channel reconnects through a broker connection the consumer already tore down
+    # ("Unrecoverable error: AttributeError: 'NoneType' object has no attribute 'hostname'", a known kombu race).
+    # Restart it as a supervisor (systemd, Kubernetes) would, and say so in the tally: nothing may be lost either way.
+    restarts = 0
+    while job.status()["state"] != "done":
+        assert time.monotonic() - restarted_at < VISIBILITY_TIMEOUT_S + 45, f"job not done: {job.status()}"
+        if not worker.alive() or "Unrecoverable error" in worker.log.read_text():
+            worker.kill()
+            restarts += 1
+            worker = start_worker(procs, job.env, job.workdir / f"worker-restart-{restarts}.log", concurrency=2)
+        time.sleep(0.1)
+    done_at = time.monotonic()
+    tally = job.tally(recovery_s=round(done_at - restarted_at, 1), stop_s=round(stopped_at - stopping_at, 1),
+                      outage_s=round(restarted_at - stopping_at, 1), worker_restarts_by_supervisor=restarts)
     fault_report(tally)
     assert_clean(tally)
     assert tally["ok"] == 12
@@ -184,13 +198,15 @@ def test_azurite_stopped_for_a_while_and_restarted_with_its_data(
         start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
         job.enqueue()
         wait_for(lambda: job.status()["ok"] >= 3, 30, "three images scored")
+        stopping_at = time.monotonic()
+        azurite.stop()  # TERM: Azurite closes its connections and saves its metadata
         stopped_at = time.monotonic()
-        azurite.stop()
         time.sleep(OUTAGE_S)
         procs.track(start_logged_azurite(port, log, location))
         back_at = time.monotonic()
         done_at = job.wait_done(VISIBILITY_TIMEOUT_S + 45)
-        tally = job.tally(recovery_s=round(done_at - back_at, 1), outage_s=round(back_at - stopped_at, 1))
+        tally = job.tally(recovery_s=round(done_at - back_at, 1), stop_s=round(stopped_at - stopping_at, 1),
+                          outage_s=round(back_at - stopping_at, 1))
         fault_report(tally)
         assert_clean(tally)
         assert tally["ok"] == 12
