@@ -1,4 +1,4 @@
-"""Fixtures of the fault suite: its own Redis database, its own Azurite (access log on: it counts result writes),
+"""Fixtures of the fault suite: its own redis-server, its own Azurite (access log on: it counts result writes),
 a job per test, process cleanup, and the tally table printed at the end of the session.
 
 A missing service fails the test; it is never a reason to skip (these tests are integration tests too).
@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from azure.storage.blob import BlobServiceClient
 from fault_helpers import AzuriteService, FaultJob, Processes, fault_env, new_service_name, start_logged_azurite
 
 from deploy.local.azurite import connection_string
 from deploy.local.procs import free_port
-from deploy.local.redis_local import RedisUnavailableError, ensure_redis
+from deploy.local.redis_local import RedisUnavailableError, start_redis
 
-# The machine's Redis, a database of the fault suite's own (the integration tests flush database 9).
-FAULTS_REDIS_URL = "redis://127.0.0.1:6379/10"
 # Tallies of this session's scenarios, printed as a table at the end and written to a JSON file.
 _TALLIES: list[dict[str, Any]] = []
 _REPORT_FILE: list[Path] = []
@@ -44,19 +41,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def faults_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Redis on 127.0.0.1:6379 (started if none answers), database 10, emptied at session start."""
+    """A redis-server of the fault suite's own on a free port: another test session (the integration tests flush
+    database 9 of the machine's Redis; a second run of this suite) can never empty it under a running scenario."""
+    port = free_port()
     try:
-        started = ensure_redis(FAULTS_REDIS_URL, tmp_path_factory.mktemp("redis"))
+        server = start_redis(port, tmp_path_factory.mktemp("redis"))
     except RedisUnavailableError as exc:
-        pytest.fail(f"the fault suite needs Redis on 127.0.0.1:6379: {exc}", pytrace=False)
-    client = redis.Redis.from_url(FAULTS_REDIS_URL)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-    yield FAULTS_REDIS_URL
-    if started is not None:
-        started.stop()
+        pytest.fail(f"the fault suite needs redis-server: {exc}", pytrace=False)
+    yield f"redis://127.0.0.1:{port}/0"
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -142,6 +142,7 @@ def test_warm_shutdown_finishes_running_tasks_and_leaves_the_rest_queued(
     termed_at = term(worker)
     exited_at = wait_exit(worker, 3 + 10)
     assert all(job.result_exists(name) for name in running), "running tasks did not finish in the soft shutdown"
+    assert held(job) == [], "the warm shutdown left messages waiting for the visibility timeout"
     start_worker(procs, job.env, job.workdir / "worker-2.log", concurrency=2)
     done_at = job.wait_done(60)
     tally = job.tally(recovery_s=round(done_at - termed_at, 1), shutdown_s=round(exited_at - termed_at, 1))
@@ -149,7 +150,6 @@ def test_warm_shutdown_finishes_running_tasks_and_leaves_the_rest_queued(
     assert_clean(tally)
     assert tally["ok"] == 8
     assert tally["scorer_calls_max"] == 1  # nothing redone
-    assert done_at - termed_at < VISIBILITY_TIMEOUT_S, "the rest waited for a visibility timeout"
 
 
 @pytest.mark.timeout(90)
