@@ -10,7 +10,7 @@ from rich.table import Table
 
 from worker.contracts import ResultDoc
 from worker.jobs import JobStore
-from worker.results import result_blob_name
+from worker.results import result_location
 from worker.storage import BlobNotFoundError, BlobStore
 
 CSV_COLUMNS = ("container", "blob", "status", "class_id", "label", "score", "error_code", "etag", "scored_at")
@@ -26,7 +26,7 @@ def job_results(store: BlobStore, jobs: JobStore, job_id: str) -> list[ResultDoc
 def _read_all(store: BlobStore, container: str, prefix: str, names: Iterable[str]) -> Iterator[ResultDoc]:
     for name in names:
         try:
-            yield ResultDoc.from_json(store.read(container, result_blob_name(prefix, name)))
+            yield ResultDoc.from_json(store.read(container, result_location(prefix, name)[0]))
         except BlobNotFoundError:
             continue
 

@@ -15,6 +15,7 @@ class RejectionCode(StrEnum):
     TRUNCATED = "truncated"
     TOO_MANY_PIXELS = "too_many_pixels"
     SOURCE_MISSING = "source_missing"
+    UNADDRESSABLE_NAME = "unaddressable_name"
     SCORER_REJECTED = "scorer_rejected"
     BAD_MODEL_OUTPUT = "bad_model_output"
     TOO_MANY_ATTEMPTS = "too_many_attempts"

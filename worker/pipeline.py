@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.contracts import ImageTask, ResizeDoc, ResultDoc, SourceRef
-from worker.errors import PermanentError
+from worker.errors import PermanentError, RejectionCode
 from worker.imaging import check_image, shrink_for_model
 from worker.jobs import JobStore
 from worker.models.catalog import ModelProfile
@@ -21,7 +21,7 @@ from worker.results import (
     is_current,
     ok_result,
     rejected_result,
-    result_blob_name,
+    result_location,
     result_metadata,
 )
 from worker.storage import BlobStore, ResultConflictError
@@ -78,7 +78,9 @@ def process_image(task: ImageTask, deps: Dependencies, *, check_first: bool = Tr
     is downloaded or scored. A first delivery skips that request: the producer queued the image because it had
     no current result, and the create-only write below still refuses to write a second one.
     """
-    name = result_blob_name(task.results_prefix, task.blob)
+    name, unaddressable = result_location(task.results_prefix, task.blob)
+    if unaddressable is not None:
+        return _reject_unaddressable(task, deps, name, unaddressable)
     existing, result_etag = (None, None)
     if check_first:
         existing, result_etag = deps.store.existing_result(task.results_container, name)
@@ -88,6 +90,13 @@ def process_image(task: ImageTask, deps: Dependencies, *, check_first: bool = Tr
     if existing is not None and is_current(existing, doc.source.etag):
         return _already_done(task, deps, existing, name)
     return _write_once(task, deps, doc, name, result_etag)
+
+
+def _reject_unaddressable(task: ImageTask, deps: Dependencies, name: str, reason: str) -> ImageOutcome:
+    source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
+    error = PermanentError(RejectionCode.UNADDRESSABLE_NAME, f"no result can be written for this name: {reason}")
+    log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+    return _write_once(task, deps, rejected_result(task, source, deps.profile.name, error, {}), name, None)
 
 
 def _write_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -10,6 +11,9 @@ from worker.errors import PermanentError
 from worker.models.postprocess import Prediction
 
 RESULT_SUFFIX = ".json"
+# Azure Storage's limit on a blob name's length, in characters.
+MAX_BLOB_NAME = 1024
+UNADDRESSABLE_DIR = ".blobscore-unaddressable/"
 # Blob metadata on each result: lets a retry recognise its own write and a re-run see what a result describes.
 META_SOURCE_ETAG = "blobscore_source_etag"
 META_STATUS = "blobscore_status"
@@ -20,6 +24,28 @@ META_CODE = "blobscore_code"
 def result_blob_name(results_prefix: str, source_blob: str) -> str:
     """`<results-prefix><source blob name>.json` — deterministic, so a re-run finds its earlier result."""
     return f"{results_prefix}{source_blob}{RESULT_SUFFIX}"
+
+
+def unaddressable_reason(results_prefix: str, source_blob: str) -> str | None:
+    """Why no result can be written at `<prefix><name>.json` for this name (None when it can be)."""
+    if any(segment in (".", "..") for segment in source_blob.split("/")):
+        return "a '.' or '..' path segment collapses in a URL: the blob cannot be addressed over HTTP"
+    if len(result_blob_name(results_prefix, source_blob)) > MAX_BLOB_NAME:
+        return f"its result name would be over the {MAX_BLOB_NAME} characters a blob name may have"
+    return None
+
+
+def result_location(results_prefix: str, source_blob: str) -> tuple[str, str | None]:
+    """Where the result goes, and why it cannot go at its usual name when it cannot.
+
+    Such an image gets its `rejected` record under the results prefix all the same, at a name derived from a
+    hash of the source name (the document carries the source name), so the job still ends and nothing is silent.
+    """
+    reason = unaddressable_reason(results_prefix, source_blob)
+    if reason is None:
+        return result_blob_name(results_prefix, source_blob), None
+    digest = hashlib.sha256(source_blob.encode("utf-8")).hexdigest()
+    return f"{results_prefix}{UNADDRESSABLE_DIR}{digest}{RESULT_SUFFIX}", reason
 
 
 def source_blob_name(results_prefix: str, result_blob: str) -> str | None:

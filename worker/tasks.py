@@ -14,7 +14,7 @@ from worker.breaker import CircuitOpenError
 from worker.contracts import TASK_NAME, ImageTask, SourceRef
 from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.pipeline import process_image
-from worker.results import rejected_result, result_blob_name, result_metadata
+from worker.results import rejected_result, result_location, result_metadata
 from worker.retry import backoff_delay, should_retry
 from worker.runtime import ProcessResources, WorkerResources
 from worker.scoring import ScoringUnavailableError
@@ -110,7 +110,7 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
 
 def _finish_with_error(task: ImageTask, worker: WorkerResources, code: RejectionCode, message: str) -> str:
     """Record an image we stop trying as `rejected` (a later run tries it again): never a silent drop."""
-    name = result_blob_name(task.results_prefix, task.blob)
+    name, _ = result_location(task.results_prefix, task.blob)
     existing, etag = worker.store.existing_result(task.results_container, name)
     if existing is None or existing.source_etag != task.etag:
         source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)

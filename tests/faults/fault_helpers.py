@@ -37,6 +37,7 @@ from PIL import Image
 from deploy.local.azurite import AzuriteUnavailableError, start_azurite
 from deploy.local.procs import ManagedProcess
 from worker.jobs import JobStore
+from worker.results import result_location
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "faults-secret-key"
@@ -247,7 +248,7 @@ class FaultJob:
 
     def result_name(self, blob: str) -> str:
         """The expected result blob of a source blob."""
-        return f"{self.results_prefix}{blob}.json"
+        return result_location(self.results_prefix, blob)[0]
 
     def start_standin(
         self, procs: Processes, *args: str, port: int = 0, no_model: bool = True, tag: str = "standin",
@@ -327,7 +328,7 @@ class FaultJob:
         container = self.blob_service.get_container_client(self.container)
         found: dict[str, dict[str, Any]] = {}
         for item in container.list_blobs(name_starts_with=self.results_prefix, include=["metadata"]):
-            source = item.name[len(self.results_prefix):-len(".json")]
+            source = self.source_of(item.name)
             doc: dict[str, Any] = json.loads(container.get_blob_client(item.name).download_blob().readall())
             doc["_metadata"] = dict(item.metadata or {})
             found[source] = doc
@@ -346,8 +347,13 @@ class FaultJob:
                 continue  # container creation, metadata/property calls, refusals (409/412)
             name = unquote(parts.path[len(wanted):])
             if name.startswith(self.results_prefix):
-                writes[name[len(self.results_prefix):-len(".json")]] += 1
+                writes[self.source_of(name)] += 1
         return writes
+
+    def source_of(self, result_blob: str) -> str:
+        """The source blob a result blob answers for (names with no usual result name get a hashed one)."""
+        hashed = {result_location(self.results_prefix, name)[0]: name for name in self.uploads}
+        return hashed.get(result_blob, result_blob[len(self.results_prefix):-len(".json")])
 
     def scorer_calls(self, since_enqueue: bool = True) -> dict[str, int]:
         """Predict calls per uploaded image (failed calls included) over this job's stand-ins, since the enqueue."""

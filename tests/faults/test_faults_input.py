@@ -173,16 +173,15 @@ def test_hostile_blob_names_each_get_exactly_one_result_at_the_expected_name(
 
 
 @pytest.mark.timeout(60)
-def test_names_whose_result_cannot_be_addressed_never_write_outside_the_results_prefix(
+def test_names_whose_result_cannot_be_addressed_get_a_record_under_the_results_prefix(
     make_job: Any, procs: Processes, fault_report: Report, faults_azurite: Any
 ) -> None:
     """Scenario 13, the names no result can be written for. `../x.jpg` and `a/./b.jpg` exist in Azurite (uploaded
     percent-encoded) but not in Azure Storage, which collapses dot segments, and the SDK's HTTP stack collapses them
     too, so neither the source nor `<prefix>../x.jpg.json` can be addressed; a 1024-character source name (legal)
     makes its result name longer than the 1024 characters a blob name may have in Azure Storage (Azurite does not
-    enforce that limit, so here it gets its result). Whatever the product does with them, it must never write
-    anywhere but under the results prefix. (Known gap, see the xfail below: the dot-segment names are retried
-    forever, so their job never ends.)"""
+    enforce that limit). Each gets one `rejected` record (`unaddressable_name`) under the results prefix, at a name
+    derived from a hash of the source name, the job ends, and nothing is written anywhere else."""
     job = make_job()
     job.start_standin(procs)
     dotted = {"../x.jpg": "%2E%2E/x.jpg", "a/./b.jpg": "a/%2E/b.jpg"}
@@ -197,18 +196,17 @@ def test_names_whose_result_cannot_be_addressed_never_write_outside_the_results_
     assert sources == {*dotted, too_long}, "the emulator did not store the names as given"
     start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
     job.enqueue()
-    try:
-        job.wait_done(6)
-        done = True
-    except AssertionError:
-        done = False
+    job.wait_done(30)
     written = sorted(blob.name for blob in container.list_blobs() if blob.name not in sources)
     outside = [name for name in written if not name.startswith(job.results_prefix)]
     tally = job.tally(written_outside_the_results_prefix=outside)
     fault_report(tally)
     assert not outside, outside
-    assert tally["doubled"] == 0
-    if not done:
-        pytest.xfail("names whose result cannot be addressed are retried forever: the job never ends "
-                     f"({tally['status']}); the producer should report them instead of queueing them")
     assert_clean(tally)
+    results = job.results()
+    assert {name: (doc["status"], doc["error"]["code"]) for name, doc in results.items()} == dict.fromkeys(
+        [*dotted, too_long], ("rejected", "unaddressable_name")
+    )
+    assert {doc["source"]["blob"] for doc in results.values()} == {*dotted, too_long}
+    # Nothing was downloaded or scored for them.
+    assert set(job.scorer_calls().values()) == {0}

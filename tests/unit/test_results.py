@@ -14,8 +14,10 @@ from worker.results import (
     ok_result,
     rejected_result,
     result_blob_name,
+    result_location,
     result_metadata,
     source_blob_name,
+    unaddressable_reason,
 )
 
 TASK = ImageTask(
@@ -84,3 +86,18 @@ def test_detection_document_carries_boxes_not_labels() -> None:
     ]
     empty = json.loads(ok_result(TASK, SOURCE, "ssd_vgg", Prediction(detections=[]), {}).to_json())
     assert empty["detections"] == []
+
+
+def test_names_no_result_can_be_written_for_get_a_record_under_the_prefix() -> None:
+    prefix = "blobscore-results/local/"
+    assert result_location(prefix, "a/b c.jpg") == (f"{prefix}a/b c.jpg.json", None)
+    assert unaddressable_reason(prefix, "%2e%2e/y.jpg") is None  # a literal percent sign is fine
+    for name in ("../x.jpg", "a/./b.jpg", "a/..", "L/" + "y" * 1020 + ".jpg"):
+        location, reason = result_location(prefix, name)
+        assert reason is not None
+        assert location.startswith(f"{prefix}.blobscore-unaddressable/")
+        assert location.endswith(".json")
+        assert len(location) < 1024
+    longest = "l/" + "x" * (1024 - len(prefix) - len(".json") - 2)
+    assert unaddressable_reason(prefix, longest) is None
+    assert unaddressable_reason(prefix, longest + "x") is not None
