@@ -208,7 +208,7 @@ def test_azurite_stopped_for_a_while_and_restarted_with_its_data(
         tally = job.tally(recovery_s=round(done_at - back_at, 1), stop_s=round(stopped_at - stopping_at, 1),
                           outage_s=round(back_at - stopping_at, 1))
         fault_report(tally)
-        assert_clean(tally)
+        assert_clean(tally, log_may_miss_writes=True)
         assert tally["ok"] == 12
 
 
