@@ -49,7 +49,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         # Failures are handled inside the task (retry or an error record); these only matter for a bug.
         "task_acks_on_failure_or_timeout": True,
-        # Soft shutdown: on TERM, running tasks get this long to finish before the cold shutdown requeues them.
+        # TERM is a warm shutdown: no new messages, running images finish (each call has a deadline), reserved
+        # ones go back to the queue. This timeout only bounds a cold shutdown (QUIT, or a second TERM); the
+        # thread pool cannot cancel running threads, so their messages return after the visibility timeout.
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout_s,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,

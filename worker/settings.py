@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_transient_retries: int = 30
     retry_backoff_max_s: float = 60.0
     # Unacked messages come back after this long; must exceed a task's run plus the longest retry countdown.
-    visibility_timeout_s: int = 300
+    visibility_timeout_s: int = 240
     # Starts of one image that never finished (worker killed or hung) before it is rejected as a poison pill.
     max_crash_attempts: int = 3
     breaker_failure_threshold: int = 10

@@ -29,7 +29,7 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
     """Register the image task on `app`."""
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-    def score_image(self: Task, message: dict[str, Any]) -> str:
+    def score_image(self: Task, message: dict[str, Any], breaker_waits: int = 0) -> str:
         try:
             task = ImageTask.from_message(message)
         except ValidationError as exc:
@@ -37,7 +37,7 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             log.error("refused malformed task message: %s", exc.errors(include_input=False))
             return "refused"
         try:
-            return _guarded(self, task, resources.get(), settings)
+            return _guarded(self, task, resources.get(), settings, breaker_waits)
         except Retry:
             raise
         except Exception as exc:
@@ -62,14 +62,16 @@ def is_repeat_delivery(task_self: Task) -> bool:
     return bool(task_self.request.retries) or bool(delivery_info.get("redelivered"))
 
 
-def _guarded(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
+def _guarded(
+    task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings, breaker_waits: int
+) -> str:
     """Poison-pill guard around one run: a redelivered start that never finishes (crash, hang) is counted.
 
     A first delivery costs no Redis call here: an image that kills its worker comes back redelivered, and from
     then on every start is counted, so it is rejected after max_crash_attempts redeliveries.
     """
     if not is_repeat_delivery(task_self):
-        return _run(task_self, task, worker, settings)
+        return _run(task_self, task, worker, settings, breaker_waits)
     if worker.attempts.started(task.job_id, task.blob) > settings.max_crash_attempts:
         log.error("poison pill %s/%s: its task never finished %d times", task.container, task.blob,
                   settings.max_crash_attempts)
@@ -78,13 +80,15 @@ def _guarded(task_self: Task, task: ImageTask, worker: WorkerResources, settings
         worker.attempts.finished(task.job_id, task.blob)
         return status
     try:
-        return _run(task_self, task, worker, settings)
+        return _run(task_self, task, worker, settings, breaker_waits)
     finally:
         worker.attempts.finished(task.job_id, task.blob)
 
 
-def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings) -> str:
-    attempt = int(task_self.request.retries)
+def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings, breaker_waits: int) -> str:
+    # Waits for an open circuit breaker are retries to Celery but not failed attempts of this image: a long
+    # outage must not use up the image's retry budget.
+    attempt = int(task_self.request.retries) - breaker_waits
     try:
         service = worker.for_service(task.service)
         service.breaker.check()
@@ -92,7 +96,10 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
     except CircuitOpenError as exc:
         # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
         worker.jobs.record_retry(task.job_id, task.blob)
-        raise task_self.retry(exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s)) from exc
+        raise task_self.retry(
+            exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s),
+            kwargs={"breaker_waits": breaker_waits + 1},
+        ) from exc
     except Exception as exc:
         if isinstance(exc, ScoringUnavailableError):
             service.breaker.record_failure()

@@ -267,3 +267,31 @@ def _watch_breaker(job: Any, seconds: float) -> int:
     finally:
         client.close()
     return openings
+
+
+@pytest.mark.timeout(60)
+def test_an_open_breaker_holds_workers_off_the_scorer_until_it_closes(
+    make_job: Any, procs: Processes, fault_report: Report
+) -> None:
+    """The shared breaker is opened for 6 s in Redis (as another worker's failures would): a new worker calls
+    nothing while it is open, its tasks wait (more often than the retry budget of one attempt allows for failures),
+    and every image is scored once it closes."""
+    job = make_job(extra={"BLOBSCORE_MAX_TRANSIENT_RETRIES": "1", "BLOBSCORE_BREAKER_OPEN_S": "1"})
+    job.start_standin(procs)
+    job.upload(_images(4, seed=1700))
+    client = redis.Redis.from_url(job.jobs_url)
+    open_for_s = 6.0
+    try:
+        client.set(f"blobscore:breaker:{job.service}:open_until", time.time() + open_for_s, ex=int(open_for_s) + 1)
+    finally:
+        client.close()
+    start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
+    job.enqueue()
+    time.sleep(open_for_s - 2)
+    calls_while_open = sum(job.scorer_calls().values())
+    job.wait_done(40)
+    tally = job.tally(predict_calls_while_open=calls_while_open)
+    fault_report(tally)
+    assert calls_while_open == 0
+    assert_clean(tally)
+    assert tally["ok"] == 4, tally
