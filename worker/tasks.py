@@ -15,7 +15,7 @@ from worker.contracts import TASK_NAME, ImageTask, SourceRef
 from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.pipeline import process_image
 from worker.results import rejected_result, result_location, result_metadata
-from worker.retry import backoff_delay, should_retry
+from worker.retry import backoff_delay, failed_attempts, should_retry
 from worker.runtime import ProcessResources, WorkerResources
 from worker.scoring import ScoringUnavailableError
 from worker.settings import Settings
@@ -86,9 +86,7 @@ def _guarded(
 
 
 def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings, breaker_waits: int) -> str:
-    # Waits for an open circuit breaker are retries to Celery but not failed attempts of this image: a long
-    # outage must not use up the image's retry budget.
-    attempt = int(task_self.request.retries) - breaker_waits
+    attempt = failed_attempts(int(task_self.request.retries), breaker_waits)
     try:
         service = worker.for_service(task.service)
         service.breaker.check()

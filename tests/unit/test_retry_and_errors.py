@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from worker.errors import ConfigurationError, PermanentError, RejectionCode, TransientError
-from worker.retry import backoff_delay, should_retry
+from worker.retry import backoff_delay, failed_attempts, should_retry
 from worker.scoring import error_for_status
 from worker.wire import call_metadata
 
@@ -50,3 +50,9 @@ def test_call_metadata_is_exactly_the_fpga_services() -> None:
         ("x-ms-aml-grpc-service-route", "/api/v1/service/my-svc"),
     )
     assert call_metadata(None, None) == ()
+
+
+def test_waits_for_an_open_breaker_are_not_failed_attempts() -> None:
+    assert failed_attempts(retries=0, breaker_waits=0) == 0
+    assert failed_attempts(retries=7, breaker_waits=5) == 2
+    assert failed_attempts(retries=5, breaker_waits=5) == 0
