@@ -279,15 +279,17 @@ def test_an_open_breaker_holds_workers_off_the_scorer_until_it_closes(
     job = make_job(extra={"BLOBSCORE_MAX_TRANSIENT_RETRIES": "1", "BLOBSCORE_BREAKER_OPEN_S": "1"})
     job.start_standin(procs)
     job.upload(_images(4, seed=1700))
+    start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
+    open_for_s = 8.0
     client = redis.Redis.from_url(job.jobs_url)
-    open_for_s = 6.0
     try:
-        client.set(f"blobscore:breaker:{job.service}:open_until", time.time() + open_for_s, ex=int(open_for_s) + 1)
+        opened_at = time.time()
+        client.set(f"blobscore:breaker:{job.service}:open_until", opened_at + open_for_s, ex=int(open_for_s) + 1)
     finally:
         client.close()
-    start_worker(procs, job.env, job.workdir / "worker.log", concurrency=2)
     job.enqueue()
-    time.sleep(open_for_s - 2)
+    # Sample well before the breaker closes (the worker's local copy of it is at most 0.5 s old).
+    time.sleep(max(0.0, opened_at + open_for_s - 2 - time.time()))
     calls_while_open = sum(job.scorer_calls().values())
     job.wait_done(40)
     tally = job.tally(predict_calls_while_open=calls_while_open)
