@@ -32,6 +32,7 @@ from worker.settings import Settings
 # Statuses worth retrying: timeouts, throttling and server-side failures.
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 JSON_CONTENT = ContentSettings(content_type="application/json")
+LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 30
 
@@ -218,11 +219,8 @@ class BlobStore:
 
     def list_blobs(self, container: str, prefix: str | None) -> Iterator[ListedBlob]:
         """Every blob under `prefix`, with the properties a task needs."""
-        client = self._service.get_container_client(container)
-        with _translated(f"list {container}/{prefix or ''}"):
-            for item in client.list_blobs(name_starts_with=prefix or None):
-                content_type = item.content_settings.content_type if item.content_settings else None
-                yield ListedBlob(item.name, normalize_etag(item.etag), int(item.size or 0), content_type)
+        for page in self.list_pages(container, prefix, None, LISTING_PAGE_SIZE):
+            yield from page.blobs
 
     def list_pages(
         self, container: str, prefix: str | None, continuation: str | None, page_size: int
