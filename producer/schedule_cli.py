@@ -1,7 +1,6 @@
 """`blobscore schedule add|list|remove|run` and `blobscore beat`.
 
-Mounted on the `blobscore` command by `mount(app)`; also runnable alone: `python -m producer.schedule_cli schedule
-list`, `python -m producer.schedule_cli beat`.
+Mounted on the `blobscore` command by `mount(app)`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from worker.errors import BlobscoreError
 from worker.settings import CONFIG_FILE, Settings, load_settings
 
 schedule_app = typer.Typer(help="Score new images on a timetable: schedules kept in Redis, fired by `blobscore beat`.",
@@ -154,17 +152,3 @@ def mount(app: typer.Typer) -> None:
     app.add_typer(schedule_app, name="schedule")
     app.command("beat")(beat_command)
 
-
-def main() -> None:
-    """`python -m producer.schedule_cli`: the same commands without the rest of `blobscore`."""
-    standalone = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
-    mount(standalone)
-    try:
-        standalone()
-    except BlobscoreError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(2) from exc
-
-
-if __name__ == "__main__":
-    main()
