@@ -9,13 +9,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -27,12 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
 import pytest
 import redis
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
-from PIL import Image
+from shared_helpers import run_cli_json
 
 from deploy.local.azurite import AzuriteUnavailableError, start_azurite
 from deploy.local.procs import ManagedProcess
@@ -99,13 +96,6 @@ def fault_env(
 
 # --- images -------------------------------------------------------------------------------------------------------
 
-
-def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (64, 48), **save: Any) -> bytes:
-    """A small valid JPEG of random pixels (distinct seeds give distinct bytes, so distinct scorer hashes)."""
-    pixels = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **save)
-    return buffer.getvalue()
 
 
 def sha256(data: bytes) -> str:
@@ -189,20 +179,6 @@ def wait_exit(process: ManagedProcess, timeout: float) -> float:
     return time.monotonic()
 
 
-def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    """`blobscore ARGS` as a subprocess (the real producer CLI); its stdout."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
-        timeout=120, check=False,
-    )
-    assert completed.returncode == 0, f"blobscore {' '.join(args)} failed:\n{completed.stderr}"
-    return completed.stdout
-
-
-def run_cli_json(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
-    """A `--json` command's one object."""
-    parsed: dict[str, Any] = json.loads(run_cli(env, cwd, *args, "--json"))
-    return parsed
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.02) -> float:

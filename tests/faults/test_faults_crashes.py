@@ -19,13 +19,13 @@ from fault_helpers import (
     assert_clean,
     attempts_of,
     held,
-    jpeg_bytes,
     kill9,
     start_worker,
     term,
     wait_exit,
     wait_for,
 )
+from shared_helpers import jpeg_bytes
 
 Report = Callable[[dict[str, Any]], None]
 # A Predict takes this long at the stand-in, so a task is reliably "in flight" when we strike.

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import redis
-from fault_helpers import FaultJob, Processes, assert_clean, held, jpeg_bytes, sha256, start_worker, wait_for
+from fault_helpers import FaultJob, Processes, assert_clean, held, sha256, start_worker, wait_for
+from shared_helpers import jpeg_bytes
 
 Report = Callable[[dict[str, Any]], None]
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fault_helpers import Processes, assert_clean, jpeg_bytes, start_worker
+from fault_helpers import Processes, assert_clean, start_worker
 from PIL import Image
+from shared_helpers import jpeg_bytes
 
 from deploy.local.azurite import AZURITE_ACCOUNT, AZURITE_KEY
 from producer.samples import sample_photos

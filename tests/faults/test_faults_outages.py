@@ -19,12 +19,12 @@ from fault_helpers import (
     AzuriteService,
     Processes,
     assert_clean,
-    jpeg_bytes,
     kill9,
     start_logged_azurite,
     start_worker,
     wait_for,
 )
+from shared_helpers import jpeg_bytes
 
 from deploy.local.azurite import connection_string
 from deploy.local.procs import free_port

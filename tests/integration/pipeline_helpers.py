@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
+from shared_helpers import run_cli_json
 
 from deploy.local.procs import ManagedProcess
 
@@ -63,20 +60,6 @@ def start_standin(workdir: Path, *args: str, key: str) -> tuple[ManagedProcess, 
     return process, int(match.group(1))
 
 
-def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
-    """Run `blobscore ARGS` as a subprocess and return its standard output (fails the test on non-zero exit)."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
-        timeout=120, check=False,
-    )
-    assert completed.returncode == 0, f"blobscore {' '.join(args)} failed:\n{completed.stderr}"
-    return completed.stdout
-
-
-def run_cli_json(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
-    """Run a `--json` command and parse its one JSON object."""
-    parsed: dict[str, Any] = json.loads(run_cli(env, cwd, *args, "--json"))
-    return parsed
 
 
 def wait_until_done(env: dict[str, str], cwd: Path, job_id: str, timeout: float = 180) -> dict[str, Any]:
@@ -89,13 +72,6 @@ def wait_until_done(env: dict[str, str], cwd: Path, job_id: str, timeout: float 
         status = run_cli_json(env, cwd, "status", job_id)
     return status
 
-
-def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
-    """A small valid JPEG with random pixels."""
-    pixels = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def read_stats(path: Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import blobscore_env, jpeg_bytes, run_cli_json, start_standin, start_worker, wait_until_done
+from pipeline_helpers import blobscore_env, start_standin, start_worker, wait_until_done
+from shared_helpers import jpeg_bytes, run_cli_json
 
 from producer.enqueue import EnqueueOptions, enqueue, run_listing
 from producer.publishing import TaskPublisher

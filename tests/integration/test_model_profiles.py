@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import blobscore_env, run_cli_json, start_standin, start_worker, wait_until_done
+from pipeline_helpers import blobscore_env, start_standin, start_worker, wait_until_done
+from shared_helpers import run_cli_json
 
 from deploy.standin.ssd_replay import KnownBox, write_replay
 from producer.samples import sample_photos

@@ -12,16 +12,8 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import (
-    blobscore_env,
-    jpeg_bytes,
-    read_stats,
-    run_cli,
-    run_cli_json,
-    start_standin,
-    start_worker,
-    wait_until_done,
-)
+from pipeline_helpers import blobscore_env, read_stats, start_standin, start_worker, wait_until_done
+from shared_helpers import jpeg_bytes, run_cli, run_cli_json
 
 from producer.samples import sample_photos
 

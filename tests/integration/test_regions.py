@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import jpeg_bytes, read_stats, run_cli_json, start_standin, wait_until_done
+from pipeline_helpers import read_stats, start_standin, wait_until_done
+from shared_helpers import jpeg_bytes, run_cli_json
 
 from deploy.local.procs import ManagedProcess, free_port
 from deploy.local.redis_local import start_redis

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import blobscore_env, jpeg_bytes, read_stats, start_standin, start_worker
+from pipeline_helpers import blobscore_env, read_stats, start_standin, start_worker
+from shared_helpers import jpeg_bytes
 
 from deploy.local.procs import ManagedProcess, free_port
 from deploy.local.redis_local import start_redis

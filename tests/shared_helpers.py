@@ -1,0 +1,37 @@
+"""Helpers shared by the integration and fault suites: the real CLI as a subprocess, small real JPEGs."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
+    """Run `blobscore ARGS` as a subprocess and return its standard output (fails the test on non-zero exit)."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    assert completed.returncode == 0, f"blobscore {' '.join(args)} failed:\n{completed.stderr}"
+    return completed.stdout
+
+
+def run_cli_json(env: dict[str, str], cwd: Path, *args: str) -> dict[str, Any]:
+    """Run a `--json` command and parse its one JSON object."""
+    parsed: dict[str, Any] = json.loads(run_cli(env, cwd, *args, "--json"))
+    return parsed
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (64, 48), **save: Any) -> bytes:
+    """A small valid JPEG of random pixels (distinct seeds give distinct bytes, so distinct scorer hashes)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
