@@ -17,7 +17,7 @@ from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
 from producer.schedule_cli import mount as mount_schedules
-from worker.errors import BlobscoreError
+from worker.errors import BlobscoreError, ConfigurationError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings
 from worker.storage import BlobStore
@@ -71,10 +71,11 @@ def enqueue(
     from worker.celery_app import create_app
 
     settings = _settings()
-    jobs = JobStore.from_url(settings.jobs_url)
+    jobs = JobStore.from_settings(settings)
     store = BlobStore.from_settings(settings)
     options = EnqueueOptions(limit=limit, window=window or settings.enqueue_window)
     if resume is not None:
+        _check_origin(jobs, resume, settings)
         spec = jobs.spec(resume)
         publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
         report = run_listing(store, jobs, publish, resume, options)
@@ -86,7 +87,7 @@ def enqueue(
             report = count_only(store, spec, options)
         else:
             publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
-            report = run_enqueue(store, jobs, publish, spec, options)
+            report = run_enqueue(store, jobs, publish, spec, settings.deployment, options)
     if as_json:
         _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
                      "dry_run": dry_run})
@@ -109,6 +110,17 @@ def _job_spec(
     )
 
 
+def _check_origin(jobs: JobStore, job_id: str, settings: Settings) -> None:
+    """Refuse to act on a job listed from another storage account: its results are not where these settings look."""
+    origin, here = jobs.origin(job_id), settings.deployment
+    if origin.account != here.account:
+        raise BlobscoreError(
+            f"job {job_id} was listed from storage account {origin.account} but these settings reach {here.account} "
+            f"(both in namespace {here.namespace}): give each deployment its own BLOBSCORE_NAMESPACE, and run this "
+            "command with the job's deployment's settings"
+        )
+
+
 def _status_dict(status: JobStatus) -> dict[str, object]:
     return {"job_id": status.job_id, "listed": status.listed, "ok": status.ok, "rejected": status.rejected,
             "retrying": status.retrying, "pending": status.pending, "state": status.state}
@@ -121,7 +133,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """How many images of a job were listed, scored, rejected, are retrying or pending."""
-    jobs = JobStore.from_url(_settings().jobs_url)
+    settings = _settings()
+    jobs = JobStore.from_settings(settings)
+    _check_origin(jobs, job_id, settings)
     current = _watch(jobs, job_id) if watch else jobs.status(job_id)
     if as_json:
         _print_json(_status_dict(current))
@@ -151,7 +165,8 @@ def results(
 ) -> None:
     """Export a job's result documents."""
     settings = _settings()
-    jobs = JobStore.from_url(settings.jobs_url)
+    jobs = JobStore.from_settings(settings)
+    _check_origin(jobs, job_id, settings)
     docs = exports.job_results(BlobStore.from_settings(settings), jobs, job_id)
     if output_format == "jsonl":
         for doc in docs:
@@ -214,9 +229,11 @@ def reconcile(
     from worker.celery_app import create_app
 
     settings = _settings()
-    spec = JobStore.from_url(settings.jobs_url).spec(job_id)
+    jobs = JobStore.from_settings(settings)
+    _check_origin(jobs, job_id, settings)
+    spec = jobs.spec(job_id)
     publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue_for(spec.service))
-    report = run_reconcile(BlobStore.from_settings(settings), JobStore.from_url(settings.jobs_url), publish, job_id)
+    report = run_reconcile(BlobStore.from_settings(settings), jobs, publish, job_id)
     summary = {"job_id": report.job_id, "listed": report.listed, "finished": report.finished,
                "counted_from_results": report.counted_from_results, "requeued": report.requeued,
                "source_missing": report.source_missing, "dry_run": dry_run}
@@ -240,15 +257,29 @@ def worker(
 
 @services_app.command("list")
 def services_list(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
-    """The known services: region, address, TLS, model, key variable (never the key)."""
-    described = {name: service.describe() for name, service in sorted(_settings().all_services().items())}
+    """The deployment's namespace and account, and the known services: region, address, TLS, model, key variable."""
+    settings = _settings()
+    described = {name: service.describe() for name, service in sorted(settings.all_services().items())}
+    deployment = _deployment_view(settings)
     if as_json:
-        _print_json(described)
+        _print_json({"deployment": deployment, "services": described})
         return
+    typer.echo(f"deployment: namespace={deployment['namespace']} account={deployment['account']} "
+               f"endpoint={deployment['endpoint']}")
     for name, info in described.items():
         key = f"key from ${info['key_env']}" if info["key_env"] else ("key set" if info["key_set"] else "no key")
         typer.echo(f"{name}: region={info['region']} {info['address']}:{info['port']} tls={info['tls']} "
                    f"model={info['model']} route={info['route']} {key}")
+
+
+def _deployment_view(settings: Settings) -> dict[str, str | None]:
+    """Namespace and account of the settings; None where no storage account is configured yet."""
+    try:
+        deployment = settings.deployment
+    except ConfigurationError:
+        return {"namespace": settings.namespace, "account": None, "endpoint": None}
+    return {"namespace": deployment.namespace, "account": deployment.account.name,
+            "endpoint": deployment.account.endpoint}
 
 
 @services_app.command("check")
@@ -302,10 +333,11 @@ def demo(
     started = time.perf_counter()
     from worker.celery_app import create_app
 
-    jobs = JobStore.from_url(settings.jobs_url)
+    jobs = JobStore.from_settings(settings)
     spec = _job_spec(settings, container, "", None, None, None)
     report = run_enqueue(BlobStore.from_settings(settings), jobs,
-                         TaskPublisher(create_app(settings), settings.queue_for(spec.service)), spec)
+                         TaskPublisher(create_app(settings), settings.queue_for(spec.service)), spec,
+                         settings.deployment)
     if report.job_id is None:
         return
     console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")

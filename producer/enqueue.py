@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from producer.listing import DEFAULT_RESULTS_ROOT, current_results, needs_scoring, select_images
 from worker.contracts import ImageTask
+from worker.deployment import Deployment
 from worker.jobs import JobSpec, JobStore
 from worker.results import ExistingResult
 from worker.storage import BlobStore, ListedBlob, ListingPage
@@ -43,9 +44,10 @@ def excluded_prefixes(spec: JobSpec) -> tuple[str, ...]:
     return tuple({spec.results_prefix, DEFAULT_RESULTS_ROOT})
 
 
-def task_for(job_id: str, index: int, spec: JobSpec, blob: ListedBlob) -> ImageTask:
-    """The task message of one image."""
+def task_for(job_id: str, index: int, spec: JobSpec, blob: ListedBlob, origin: Deployment) -> ImageTask:
+    """The task message of one image, stamped with the deployment and account it was listed from."""
     return ImageTask(
+        namespace=origin.namespace, account=origin.account.name, endpoint=origin.account.endpoint,
         job_id=job_id, index=index, container=spec.container, blob=blob.name, etag=blob.etag, size=blob.size,
         service=spec.service, results_container=spec.results_container, results_prefix=spec.results_prefix,
     )
@@ -88,10 +90,11 @@ def count_only(store: BlobStore, spec: JobSpec, options: EnqueueOptions) -> Enqu
 
 
 def enqueue(
-    store: BlobStore, jobs: JobStore, publish: Publish, spec: JobSpec, options: EnqueueOptions | None = None
+    store: BlobStore, jobs: JobStore, publish: Publish, spec: JobSpec, origin: Deployment,
+    options: EnqueueOptions | None = None,
 ) -> EnqueueReport:
-    """Create a job and queue one task per image lacking a current result."""
-    return run_listing(store, jobs, publish, jobs.create(spec), options or EnqueueOptions())
+    """Create a job of deployment `origin` and queue one task per image lacking a current result."""
+    return run_listing(store, jobs, publish, jobs.create(spec, origin), options or EnqueueOptions())
 
 
 def run_listing(
@@ -102,7 +105,7 @@ def run_listing(
     A page is recorded before it is published and the continuation token saved after, so a producer killed
     at any point resumes by re-listing at most one page; its re-published tasks find their results.
     """
-    spec, progress = jobs.spec(job_id), jobs.progress(job_id)
+    spec, progress, origin = jobs.spec(job_id), jobs.progress(job_id), jobs.origin(job_id)
     if progress.done:
         return EnqueueReport(job_id, progress.next_index, 0)
     results = _results(store, spec)
@@ -115,7 +118,7 @@ def run_listing(
         if wanted:
             jobs.record_page(job_id, page_no, index, [blob.name for blob in wanted])
             window.wait_for_room(index, len(wanted))
-            publish([task_for(job_id, index + offset, spec, blob) for offset, blob in enumerate(wanted)])
+            publish([task_for(job_id, index + offset, spec, blob, origin) for offset, blob in enumerate(wanted)])
             index, page_no = index + len(wanted), page_no + 1
         jobs.advance(job_id, page.continuation, index, page_no)
         if _room(options.limit, index) == 0:

@@ -41,7 +41,7 @@ def reconcile(store: BlobStore, jobs: JobStore, publish: Publish | None, job_id:
     Re-queued images that were in fact still queued are scored once all the same: the worker finds the result
     the first delivery wrote. Without `publish` nothing is changed (a dry run).
     """
-    spec, status = jobs.spec(job_id), jobs.status(job_id)
+    spec, status, origin = jobs.spec(job_id), jobs.status(job_id), jobs.origin(job_id)
     unfinished = unfinished_images(jobs, job_id)
     results = current_results(store.list_metadata(spec.results_container, spec.results_prefix), spec.results_prefix)
     sources = {blob.name: blob for blob in store.list_blobs(spec.container, spec.prefix) if blob.name in unfinished}
@@ -58,7 +58,7 @@ def reconcile(store: BlobStore, jobs: JobStore, publish: Publish | None, job_id:
             # Gone since listing: the worker turns it into a `source_missing` record, like any other task.
             missing += 1
             blob = ListedBlob(name, etag="", size=0, content_type=None)
-        requeue.append(task_for(job_id, index, spec, blob))
+        requeue.append(task_for(job_id, index, spec, blob, origin))
     if publish is not None and requeue:
         publish(requeue)
     return ReconcileReport(job_id, status.listed, status.ok + status.rejected, counted, len(requeue), missing)

@@ -93,7 +93,7 @@ def run_schedule(
         started = clock()
         in_flight = images_in_flight(jobs, schedules, spec.name, started)
         options = EnqueueOptions(exclude=in_flight, window=settings.enqueue_window)
-        report = enqueue(store, jobs, publish, spec.job_spec(settings), options)
+        report = enqueue(store, jobs, publish, spec.job_spec(settings), settings.deployment, options)
         run = RunRecord(report.job_id, started, clock(), report.listed, report.skipped_current, len(in_flight),
                         trigger)
         schedules.record_run(spec.name, run)
@@ -117,7 +117,7 @@ class RunResources:
         """The shared adapters."""
         with self._lock:
             if self._opened is None:
-                self._opened = (BlobStore.from_settings(self._settings), JobStore.from_url(self._settings.jobs_url),
+                self._opened = (BlobStore.from_settings(self._settings), JobStore.from_settings(self._settings),
                                 ScheduleStore.from_settings(self._settings, self._app))
             return self._opened
 

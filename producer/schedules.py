@@ -1,7 +1,7 @@
 """Schedules: "score new images in container C, prefix P, with service S, every 1h", kept in Redis.
 
-Each schedule is two things in the jobs Redis (`Settings.jobs_url`), both under `blobscore:<queue>:` so two
-deployments sharing a Redis never see each other's schedules:
+Each schedule is two things in the jobs Redis (`Settings.jobs_url`), both under `Settings.key_prefix`
+(`<queue>:<namespace>:`) so two deployments sharing a Redis never see each other's schedules:
 
 * a celery-redbeat entry (`...:redbeat:<name>`): what `blobscore beat` fires, when. Its task is
   `blobscore.scheduled_run` and its one argument is the spec as a JSON dict (names, never a key or secret);
@@ -216,12 +216,12 @@ def schedules_from_config(path: Path) -> dict[str, ScheduleSpec]:
 
 def schedules_queue(settings: Settings) -> str:
     """The queue `blobscore beat` consumes scheduled runs from (never a service's image queue)."""
-    return f"{settings.queue}:schedules"
+    return f"{settings.queue}.{settings.namespace_in_use}:schedules"
 
 
 def namespace(settings: Settings) -> str:
     """The Redis key prefix of this deployment's schedules."""
-    return f"blobscore:{settings.queue}:"
+    return settings.key_prefix
 
 
 def schedules_app(settings: Settings) -> Celery:

@@ -19,7 +19,9 @@ LOCAL_JOB_ID = "local-files"
 
 def _task_for(path: Path, data: bytes, service: str) -> tuple[ImageTask, SourceRef]:
     etag = hashlib.sha256(data).hexdigest()[:32]
-    task = ImageTask(job_id=LOCAL_JOB_ID, index=0, container="", blob=str(path), etag=etag, size=len(data),
+    # Local files belong to no storage account: the task is only a carrier of names for the result document.
+    task = ImageTask(namespace=LOCAL_JOB_ID, account="", endpoint="", job_id=LOCAL_JOB_ID, index=0, container="",
+                     blob=str(path), etag=etag, size=len(data),
                      service=service, results_container="", results_prefix="")
     return task, SourceRef(container="", blob=str(path), etag=etag, size=len(data))
 

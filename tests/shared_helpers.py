@@ -12,6 +12,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from worker.settings import Settings
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """The Settings a process started with `env` builds from its BLOBSCORE_* variables (for queue names and keys)."""
+    fields = {name.removeprefix("BLOBSCORE_").lower(): value for name, value in env.items()
+              if name.startswith("BLOBSCORE_") and name.removeprefix("BLOBSCORE_").lower() in Settings.model_fields}
+    return Settings.model_validate(fields)  # the given variables only, not this process's environment
+
 
 def run_cli(env: dict[str, str], cwd: Path, *args: str) -> str:
     """Run `blobscore ARGS` as a subprocess and return its standard output (fails the test on non-zero exit)."""

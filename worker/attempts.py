@@ -6,7 +6,6 @@ import redis
 
 from worker.errors import TransientError
 
-KEY_PREFIX = "blobscore:attempts:"
 # Long enough to outlive every redelivery of a job's image, short enough to clean itself up.
 ATTEMPTS_TTL_S = 7 * 24 * 3600
 
@@ -14,12 +13,13 @@ ATTEMPTS_TTL_S = 7 * 24 * 3600
 class AttemptCounter:
     """Counts unfinished starts per image: a task that kills its worker never reaches `finished`."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._redis = client
+        self._prefix = f"{key_prefix}attempts:"
 
     def started(self, job_id: str, blob: str) -> int:
         """Count a start and return how many starts have not finished so far (this one included)."""
-        key = _key(job_id, blob)
+        key = self._key(job_id, blob)
         try:
             pipe = self._redis.pipeline(transaction=True)
             pipe.incr(key)
@@ -31,10 +31,9 @@ class AttemptCounter:
     def finished(self, job_id: str, blob: str) -> None:
         """The task ended normally (result, rejection or scheduled retry): it is not a poison pill."""
         try:
-            self._redis.delete(_key(job_id, blob))
+            self._redis.delete(self._key(job_id, blob))
         except redis.RedisError:
             return  # At worst the image gets one fewer crash allowance later.
 
-
-def _key(job_id: str, blob: str) -> str:
-    return f"{KEY_PREFIX}{job_id}:{blob}"
+    def _key(self, job_id: str, blob: str) -> str:
+        return f"{self._prefix}{job_id}:{blob}"

@@ -9,7 +9,6 @@ import redis
 
 from worker.errors import TransientError
 
-KEY_PREFIX = "blobscore:breaker:"
 # Failures are counted in a sliding-ish window: the counter expires this long after the first failure.
 FAILURE_WINDOW_S = 10
 # The local copy of the shared state is refreshed at most this often: one Redis read per process, not per image.
@@ -27,9 +26,10 @@ class CircuitOpenError(TransientError):
 class CircuitBreaker:
     """Opens after `threshold` outage-like failures within a window; stays open `open_s`; then lets calls probe."""
 
-    def __init__(self, client: redis.Redis, service: str, *, threshold: int, open_s: float) -> None:
+    def __init__(self, client: redis.Redis, service: str, *, key_prefix: str, threshold: int, open_s: float) -> None:
         self._redis = client
         self._service = service
+        self._prefix = f"{key_prefix}breaker:{service}:"
         self._threshold = threshold
         self._open_s = open_s
         self._lock = threading.Lock()
@@ -80,4 +80,4 @@ class CircuitBreaker:
             return
 
     def _key(self, part: str) -> str:
-        return f"{KEY_PREFIX}{self._service}:{part}"
+        return f"{self._prefix}{part}"

@@ -17,10 +17,17 @@ def normalize_etag(etag: object) -> str:
 
 
 class ImageTask(BaseModel):
-    """One image to score: names and the listed etag only — never a key or a connection string."""
+    """One image to score: names and the listed etag only — never a key or a connection string.
+
+    `namespace`, `account` and `endpoint` name the deployment and storage account the image was listed from: a
+    worker of any other acts on nothing (worker/tasks.py hands the task back).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    namespace: str
+    account: str
+    endpoint: str
     job_id: str
     # The image's position in its job's listing: its bit in the job's outcome bitmaps.
     index: int = Field(ge=0)

@@ -13,9 +13,10 @@ from typing import Literal
 
 import redis
 
+from worker.deployment import AccountRef, Deployment
 from worker.errors import BlobscoreError, TransientError
+from worker.settings import Settings
 
-KEY_PREFIX = "blobscore:job:"
 Outcome = Literal["ok", "rejected"]
 JobState = Literal["listing", "running", "done"]
 Part = Literal["listed", "ok", "rejected", "retrying"]
@@ -110,31 +111,43 @@ def unpack_names(packed: bytes) -> list[str]:
 
 
 class JobStore:
-    """Job records: each listed image has an index; its outcome is a bit, counted once however often recorded."""
+    """Job records: each listed image has an index; its outcome is a bit, counted once however often recorded.
 
-    def __init__(self, client: redis.Redis) -> None:
+    Every key starts with the deployment's prefix (`Settings.key_prefix`): deployments sharing a Redis never
+    read or count each other's jobs.
+    """
+
+    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._redis = client
+        self._prefix = f"{key_prefix}job:"
         self._record_outcome = client.register_script(_RECORD_OUTCOME)
         self._record_page = client.register_script(_RECORD_PAGE)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
+    def from_url(cls, url: str, key_prefix: str) -> JobStore:
         """A store over its own connection pool."""
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), key_prefix)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        """The store of the settings' deployment, over its own connection pool."""
+        return cls.from_url(settings.jobs_url, settings.key_prefix)
 
     def close(self) -> None:
         """Release the connection pool."""
         self._redis.close()
 
-    def create(self, spec: JobSpec, job_id: str | None = None) -> str:
-        """Record a new job in the `listing` state and return its id."""
+    def create(self, spec: JobSpec, origin: Deployment, job_id: str | None = None) -> str:
+        """Record a new job of deployment `origin` in the `listing` state and return its id."""
         job_id = job_id or new_job_id()
         with _translated(f"create job {job_id}"):
             self._redis.hset(
-                _key(job_id),
+                self._key(job_id),
                 mapping={
                     "container": spec.container, "prefix": spec.prefix, "service": spec.service,
                     "results_container": spec.results_container, "results_prefix": spec.results_prefix,
+                    "namespace": origin.namespace, "account": origin.account.name,
+                    "endpoint": origin.account.endpoint,
                     "listed": 0, "ok": 0, "rejected": 0, "pages": 0, "next_index": 0, "next_page": 0,
                     "continuation": "", "listing_done": 0, "created_at": time.time(),
                 },
@@ -148,6 +161,12 @@ class JobStore:
             record["container"], record["prefix"], record["service"],
             record["results_container"], record["results_prefix"],
         )
+
+    def origin(self, job_id: str) -> Deployment:
+        """The deployment (namespace and storage account) the job was listed from."""
+        record = self._record(job_id)
+        account = AccountRef(name=record.get("account", ""), endpoint=record.get("endpoint", ""))
+        return Deployment(namespace=record.get("namespace", ""), account=account)
 
     def progress(self, job_id: str) -> ListingProgress:
         """Where the listing stands, to resume it."""
@@ -163,7 +182,7 @@ class JobStore:
         """Store a page of names at its indices and count them as listed — before its tasks are published."""
         with _translated(f"record page {page} of job {job_id}"):
             self._record_page(
-                keys=[_key(job_id), _key(job_id, f"page:{page}:{first_index}")],
+                keys=[self._key(job_id), self._key(job_id, f"page:{page}:{first_index}")],
                 args=[first_index + len(names), page + 1, pack_names(names)],
             )
 
@@ -171,33 +190,34 @@ class JobStore:
         """The pages so far are published: a resumed listing continues after them."""
         with _translated(f"advance job {job_id}"):
             self._redis.hset(
-                _key(job_id),
+                self._key(job_id),
                 mapping={"continuation": continuation or "", "next_index": next_index, "next_page": next_page},
             )
 
     def finish_listing(self, job_id: str) -> None:
         """Mark the listing complete: from now on the job can become `done`."""
         with _translated(f"finish listing of job {job_id}"):
-            self._redis.hset(_key(job_id), "listing_done", 1)
+            self._redis.hset(self._key(job_id), "listing_done", 1)
 
     def record_outcome(self, job_id: str, index: int, blob: str, outcome: Outcome) -> None:
         """Count the image's final outcome once, however often it is recorded."""
         with _translated(f"record outcome in job {job_id}"):
             self._record_outcome(
-                keys=[_key(job_id, outcome), _key(job_id, _other(outcome)), _key(job_id), _key(job_id, "retrying")],
+                keys=[self._key(job_id, outcome), self._key(job_id, _other(outcome)), self._key(job_id),
+                      self._key(job_id, "retrying")],
                 args=[index, outcome, blob],
             )
 
     def record_retry(self, job_id: str, blob: str) -> None:
         """Mark the image as waiting on a retry (a small set: only images in trouble are in it)."""
         with _translated(f"record retry in job {job_id}"):
-            self._redis.sadd(_key(job_id, "retrying"), blob)
+            self._redis.sadd(self._key(job_id, "retrying"), blob)
 
     def status(self, job_id: str) -> JobStatus:
         """The job's counts and state."""
         record = self._record(job_id)
         with _translated(f"status of job {job_id}"):
-            retrying = int(self._redis.scard(_key(job_id, "retrying")))
+            retrying = int(self._redis.scard(self._key(job_id, "retrying")))
         listed, ok, rejected = (int(record.get(field, 0)) for field in ("listed", "ok", "rejected"))
         finished = ok + rejected
         state: JobState = "running"
@@ -210,12 +230,12 @@ class JobStore:
     def finished_count(self, job_id: str) -> int:
         """ok + rejected: how much of the window the workers have drained."""
         with _translated(f"read job {job_id}"):
-            ok, rejected = self._redis.hmget(_key(job_id), ["ok", "rejected"])
+            ok, rejected = self._redis.hmget(self._key(job_id), ["ok", "rejected"])
         return int(ok or 0) + int(rejected or 0)
 
     def listed_pages(self, job_id: str) -> Iterator[tuple[int, list[str]]]:
         """(first index, names) of every recorded listing page."""
-        pattern = _key(job_id, "page:*")
+        pattern = self._key(job_id, "page:*")
         with _translated(f"read pages of job {job_id}"):
             keys = sorted(self._redis.scan_iter(match=pattern, count=1000), key=_page_order)
             for key in keys:
@@ -226,7 +246,7 @@ class JobStore:
     def outcome_bits(self, job_id: str, outcome: Outcome) -> bytes:
         """The job's bitmap of images counted with `outcome` (bit i = image index i)."""
         with _translated(f"read job {job_id}"):
-            return self._get_bytes(_key(job_id, outcome))
+            return self._get_bytes(self._key(job_id, outcome))
 
     def _get_bytes(self, key: str) -> bytes:
         # The client decodes replies to str; packed pages and bitmaps are binary.
@@ -237,7 +257,7 @@ class JobStore:
         """The blob names listed, counted ok, counted rejected, or waiting on a retry."""
         if part == "retrying":
             with _translated(f"read job {job_id}"):
-                yield from self._redis.sscan_iter(_key(job_id, "retrying"), count=1000)
+                yield from self._redis.sscan_iter(self._key(job_id, "retrying"), count=1000)
             return
         bits = None if part == "listed" else self.outcome_bits(job_id, part)
         for first, names in self.listed_pages(job_id):
@@ -245,12 +265,28 @@ class JobStore:
                 if bits is None or bit_is_set(bits, first + offset):
                     yield name
 
+    def _key(self, job_id: str, part: str | None = None) -> str:
+        return f"{self._prefix}{job_id}" if part is None else f"{self._prefix}{job_id}:{part}"
+
     def _record(self, job_id: str) -> dict[str, str]:
         with _translated(f"read job {job_id}"):
-            record: dict[str, str] = self._redis.hgetall(_key(job_id))  # type: ignore[assignment]
+            record: dict[str, str] = self._redis.hgetall(self._key(job_id))  # type: ignore[assignment]
         if not record:
-            raise UnknownJobError(f"no job {job_id!r}")
+            raise UnknownJobError(self._not_here(job_id))
         return record
+
+    def _not_here(self, job_id: str) -> str:
+        """Why a job is unknown: never created, or created by another deployment sharing this Redis."""
+        here = self._prefix.removesuffix("job:").rstrip(":")
+        with _translated(f"look for job {job_id}"):
+            for key in self._redis.scan_iter(match=f"*:job:{job_id}", count=1000):
+                other: list[str | None] = self._redis.hmget(key, ["namespace", "account", "endpoint"])  # type: ignore[assignment]
+                namespace, account, endpoint = (value or "?" for value in other)
+                return (
+                    f"job {job_id} belongs to another deployment: namespace {namespace} (storage account {account} "
+                    f"at {endpoint}), not {here}; run this command with that deployment's settings"
+                )
+        return f"no job {job_id!r} in this deployment ({here})"
 
 
 def bit_is_set(bits: bytes, index: int) -> bool:
@@ -265,7 +301,3 @@ def _other(outcome: Outcome) -> Outcome:
 
 def _page_order(key: object) -> int:
     return int(str(key).rsplit(":", 1)[1])
-
-
-def _key(job_id: str, part: str | None = None) -> str:
-    return f"{KEY_PREFIX}{job_id}" if part is None else f"{KEY_PREFIX}{job_id}:{part}"

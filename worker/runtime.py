@@ -61,7 +61,8 @@ class WorkerResources:
         scorer = Scorer.for_service(settings.service_config(name), settings)
         deps = Dependencies(self.store, self.jobs, scorer, scorer.profile, limits_from(settings))
         breaker = CircuitBreaker(
-            self.redis, name, threshold=settings.breaker_failure_threshold, open_s=settings.breaker_open_s
+            self.redis, name, key_prefix=settings.key_prefix, threshold=settings.breaker_failure_threshold,
+            open_s=settings.breaker_open_s,
         )
         return ServiceResources(deps, breaker)
 
@@ -81,7 +82,8 @@ def build_resources(settings: Settings) -> WorkerResources:
         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
     )
     store = BlobStore.from_settings(settings)
-    return WorkerResources(settings, store, JobStore(client), AttemptCounter(client), client)
+    prefix = settings.key_prefix
+    return WorkerResources(settings, store, JobStore(client, prefix), AttemptCounter(client, prefix), client)
 
 
 class ProcessResources:

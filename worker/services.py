@@ -40,9 +40,9 @@ class ServiceConfig(BaseModel):
         return {**self.model_dump(mode="json"), "key_set": self.key is not None}
 
 
-def queue_name(base: str, service: str) -> str:
-    """The queue a service's tasks go to: workers in that service's region consume it."""
-    return f"{base}.{service}"
+def queue_name(base: str, namespace: str, service: str) -> str:
+    """The queue a service's tasks of one deployment go to: that deployment's workers in the region consume it."""
+    return f"{base}.{namespace}.{service}"
 
 
 def services_in_region(services: dict[str, ServiceConfig], region: str) -> list[str]:

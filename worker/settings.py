@@ -6,17 +6,26 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.deployment import (
+    AccountRef,
+    Deployment,
+    account_from_connection_string,
+    account_from_url,
+    check_namespace,
+    derive_namespace,
+)
 from worker.errors import ConfigurationError
 from worker.models.catalog import DEFAULT_INPUT_NAME
 from worker.services import ServiceConfig, queue_name
 
 STACK_FILE = Path(".blobscore") / "stack.json"
 CONFIG_FILE = Path("blobscore.toml")
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 MiB = 1024 * 1024
 
 
@@ -26,9 +35,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BLOBSCORE_", extra="ignore", frozen=True)
 
     # Broker and job records.
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = DEFAULT_BROKER_URL
     jobs_redis_url: str | None = Field(default=None, description="Redis for job records; the broker's by default")
     queue: str = "blobscore"
+    # This deployment's part of every queue name and Redis key, so deployments sharing one Redis never see each
+    # other's tasks, jobs, schedules or breakers. Unset: derived from the storage account (worker/deployment.py).
+    namespace: str | None = None
 
     # Blob Storage: a connection string, or an account URL with an azure-identity credential.
     blob_connection_string: SecretStr | None = None
@@ -63,6 +75,10 @@ class Settings(BaseSettings):
     # Input limits, checked before anything is decoded.
     max_image_bytes: int = 16 * MiB
     max_image_pixels: int = 80_000_000
+    # How a downloaded image is checked before it is sent: "structure" reads the JPEG's markers and frame header
+    # (no decode: the scoring service decodes the JPEG itself and answers INVALID_ARGUMENT for one it cannot);
+    # "decode" also decodes the whole entropy-coded stream, for services that do not check for themselves.
+    image_check: Literal["structure", "decode"] = "structure"
     # Off by default: send the original bytes. When set (e.g. 448), photos whose short side is over twice this
     # are sent as a JPEG copy with this short side (EXIF orientation applied), recorded in the result.
     shrink_short_side: int | None = Field(default=None, ge=32)
@@ -105,8 +121,38 @@ class Settings(BaseSettings):
         return {self.service: self.service_config(), **self.services}
 
     def queue_for(self, service: str) -> str:
-        """The queue of a service's tasks."""
-        return queue_name(self.queue, service)
+        """The queue of a service's tasks in this deployment."""
+        return queue_name(self.queue, self.namespace_in_use, service)
+
+    # Properties, not cached: model_copy() would carry a cached value over to a copy with another account.
+    @property
+    def account(self) -> AccountRef:
+        """The storage account these settings reach (ConfigurationError when none is configured)."""
+        if self.blob_connection_string is not None:
+            return account_from_connection_string(self.blob_connection_string.get_secret_value())
+        if self.blob_account_url:
+            return account_from_url(self.blob_account_url)
+        raise ConfigurationError("set BLOBSCORE_BLOB_CONNECTION_STRING or BLOBSCORE_BLOB_ACCOUNT_URL")
+
+    @property
+    def namespace_in_use(self) -> str:
+        """The configured namespace, or the one derived from the storage account."""
+        return self.namespace or derive_namespace(self.account)
+
+    @property
+    def deployment(self) -> Deployment:
+        """This deployment: its namespace and its storage account."""
+        return Deployment(self.namespace_in_use, self.account)
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix of every Redis key of this deployment (jobs, attempts, breakers, schedules)."""
+        return f"{self.queue}:{self.namespace_in_use}:"
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_fits_keys(cls, value: str | None) -> str | None:
+        return None if value is None else check_namespace(value)
 
     @model_validator(mode="after")
     def _countdowns_fit_the_visibility_timeout(self) -> Settings:

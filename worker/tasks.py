@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from typing import Any
@@ -12,21 +13,29 @@ from pydantic import ValidationError
 
 from worker.breaker import CircuitOpenError
 from worker.contracts import TASK_NAME, ImageTask, SourceRef
+from worker.deployment import Deployment
 from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.pipeline import process_image
 from worker.results import rejected_result, result_location, result_metadata
 from worker.retry import backoff_delay, failed_attempts, should_retry
 from worker.runtime import ProcessResources, WorkerResources
 from worker.scoring import ScoringUnavailableError
+from worker.services import queue_name
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 # An unexpected exception is probably a bug, not an outage: a few retries, then a clear error record.
 MAX_UNEXPECTED_RETRIES = 3
+# Where a task of another account goes when its own namespace is ours (two deployments configured with one
+# namespace): a queue no worker consumes, so it waits there, untouched, instead of bouncing between workers.
+MISROUTED_SUFFIX = ".misrouted"
+# A hash under the deployment's key prefix: foreign tasks handed back, by the namespace they belong to.
+MISROUTED_KEY = "misrouted"
 
 
 def register_tasks(app: Celery, settings: Settings, resources: ProcessResources) -> None:
     """Register the image task on `app`."""
+    home = settings.deployment  # fixed for the process: checked against every task before anything is done
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def score_image(self: Task, message: dict[str, Any], breaker_waits: int = 0) -> str:
@@ -36,6 +45,8 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             # Nothing identifies a job to count it against: refuse loudly, never retry a malformed message.
             log.error("refused malformed task message: %s", exc.errors(include_input=False))
             return "refused"
+        if not home.owns(task.namespace, task.account, task.endpoint):
+            return _hand_back(self, task, message, breaker_waits, home, settings, resources)
         try:
             return _guarded(self, task, resources.get(), settings, breaker_waits)
         except Retry:
@@ -54,6 +65,36 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
                 # which would drop the message with no result counted: give it back instead. If even that cannot
                 # reach the broker, the message stays unacked and returns after the visibility timeout.
                 raise Reject(rejected.reason, requeue=True) from exc
+
+
+def home_queue(task: ImageTask, home: Deployment, settings: Settings) -> str:
+    """The queue a foreign task belongs on: its own deployment's queue for its service, never one of ours."""
+    queue = queue_name(settings.queue, task.namespace, task.service)
+    return queue + MISROUTED_SUFFIX if task.namespace == home.namespace else queue
+
+
+def _hand_back(
+    task_self: Task, task: ImageTask, message: dict[str, Any], breaker_waits: int, home: Deployment,
+    settings: Settings, resources: ProcessResources,
+) -> str:
+    """Give a task of another deployment or account back, untouched: no download, no score, no write, no count."""
+    target = home_queue(task, home, settings)
+    log.warning(
+        "handed back %s/%s of job %s: it was listed from storage account %s at %s (namespace %s), this worker "
+        "serves %s (namespace %s); requeued on %s", task.container, task.blob, task.job_id, task.account,
+        task.endpoint, task.namespace, home.account, home.namespace, target,
+    )
+    try:
+        task_self.app.send_task(
+            TASK_NAME, args=[message], kwargs={"breaker_waits": breaker_waits}, queue=target, serializer="json",
+            ignore_result=True, argsrepr=f"[{task.job_id}:{task.index}]", kwargsrepr="{}",
+        )
+    except Exception as exc:
+        # Not handed over: keep the message (it returns to our queue) rather than ack it and lose it.
+        raise Reject(f"could not hand back a foreign task: {exc}", requeue=True) from exc
+    with contextlib.suppress(Exception):  # a count is not worth failing the hand-back for
+        resources.get().redis.hincrby(f"{settings.key_prefix}{MISROUTED_KEY}", task.namespace, 1)
+    return "handed_back"
 
 
 def is_repeat_delivery(task_self: Task) -> bool:

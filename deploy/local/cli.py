@@ -83,6 +83,8 @@ def _print_status(report: StackStatus) -> None:
         owner = "" if piece.started_by_us else " (found running, not ours)"
         table.add_row(piece.name, state + owner, str(piece.pid or "-"), piece.log or "-")
     console.print(table)
+    if report.namespace is not None:
+        console.print(f"  [bold]namespace[/bold] = {report.namespace}", soft_wrap=True)
     if report.settings is not None:
         for key, value in report.settings.model_dump(exclude_none=True).items():
             console.print(f"  [bold]{key}[/bold] = {value}", soft_wrap=True)  # unbroken, to copy

@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict
 from deploy.local.azurite import AzuriteUnavailableError, connection_string, start_azurite
 from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port, port_is_free, stopped_on_failure
 from deploy.local.redis_local import RedisUnavailableError, ensure_redis, redis_answers
+from worker.deployment import account_from_connection_string
+from worker.errors import BlobscoreError
+from worker.settings import DEFAULT_BROKER_URL, load_settings
 
 PieceName = Literal["redis", "azurite", "standin", "worker"]
 PIECES: tuple[PieceName, ...] = ("redis", "azurite", "standin", "worker")
 
 STATE_DIR = ".blobscore"
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 AZURITE_PORT = 10000
 LOCAL_HOST = "127.0.0.1"
 STANDIN_MODEL = "resnet50"
@@ -112,6 +114,9 @@ class StackStatus(BaseModel):
     running: bool
     pieces: list[PieceStatus]
     settings: StackSettings | None
+    # The deployment namespace commands run here use (queue names and Redis keys): derived from this stack's
+    # Azurite endpoint, so two stacks sharing the machine's Redis never see each other's tasks.
+    namespace: str | None = None
 
 
 class StackPaths:
@@ -189,7 +194,15 @@ def _status(paths: StackPaths, state: StackState | None) -> StackStatus:
         for piece in state.pieces
     ]
     running = bool(reports) and all(report.alive for report in reports)
-    return StackStatus(workdir=str(paths.workdir), running=running, pieces=reports, settings=state.settings.masked())
+    return StackStatus(workdir=str(paths.workdir), running=running, pieces=reports, settings=state.settings.masked(),
+                       namespace=_namespace(paths))
+
+
+def _namespace(paths: StackPaths) -> str | None:
+    try:
+        return load_settings(workdir=paths.workdir).namespace_in_use
+    except (BlobscoreError, ValueError):
+        return None  # no Azurite started yet, or settings that do not load: `stack status` still reports
 
 
 def _default_broker_url() -> str:
@@ -251,10 +264,22 @@ def _start_redis(settings: StackSettings, paths: StackPaths) -> Piece:
 
 
 def _start_azurite(settings: StackSettings, paths: StackPaths) -> Piece:
-    port = AZURITE_PORT if port_is_free(AZURITE_PORT) else free_port()
+    # The port recorded by an earlier `up` first: the endpoint is part of the account's identity, and so of the
+    # deployment's namespace, and tasks still queued from before name it.
+    earlier = _port_of(settings.blob_connection_string)
+    port = next((candidate for candidate in (earlier, AZURITE_PORT) if candidate and port_is_free(candidate)), None)
+    port = port or free_port()
     process = start_azurite(port, paths.log("azurite"), location=paths.azurite_dir)
     settings.blob_connection_string = connection_string(port)
     return _piece("azurite", process)
+
+
+def _port_of(connection_string: str | None) -> int | None:
+    if connection_string is None:
+        return None
+    endpoint = account_from_connection_string(connection_string).endpoint
+    host = endpoint.split("/", 1)[0]
+    return int(host.rsplit(":", 1)[1]) if ":" in host else None
 
 
 def _start_standin(settings: StackSettings, paths: StackPaths) -> Piece:

@@ -29,7 +29,7 @@ import pytest
 import redis
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
-from shared_helpers import run_cli_json
+from shared_helpers import run_cli_json, settings_of
 
 from deploy.local.azurite import AzuriteUnavailableError, start_azurite
 from deploy.local.procs import ManagedProcess
@@ -218,6 +218,11 @@ class FaultJob:
         return f"blobscore-results/{self.service}/"
 
     @property
+    def key_prefix(self) -> str:
+        """The Redis key prefix of the job's deployment (its queue and its Azurite's namespace)."""
+        return settings_of(self.env).key_prefix
+
+    @property
     def jobs_url(self) -> str:
         """The Redis holding the job record."""
         return self.env["BLOBSCORE_BROKER_URL"]
@@ -256,7 +261,7 @@ class FaultJob:
 
     def jobs(self) -> JobStore:
         """A JobStore on the job's Redis (close it after use)."""
-        return JobStore.from_url(self.jobs_url)
+        return JobStore.from_url(self.jobs_url, self.key_prefix)
 
     def counted(self, outcome: Literal["ok", "rejected"]) -> set[str]:
         """The images the job record counts with `outcome`."""
@@ -430,7 +435,7 @@ def attempts_of(job: FaultJob, blob: str) -> int:
     """The unfinished-start count of one image (0 when none)."""
     client = redis.Redis.from_url(job.jobs_url, decode_responses=True, socket_timeout=2)
     try:
-        value = client.get(f"blobscore:attempts:{job.job_id}:{blob}")
+        value = client.get(f"{job.key_prefix}attempts:{job.job_id}:{blob}")
     finally:
         client.close()
     return int(value) if value else 0

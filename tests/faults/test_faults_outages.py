@@ -256,7 +256,7 @@ def test_circuit_breaker_bounds_predict_attempts_while_the_scorer_is_down(
 def _watch_breaker(job: Any, seconds: float) -> int:
     """How many times the service's shared breaker opened (its Redis key appeared) within `seconds`."""
     client = redis.Redis.from_url(job.jobs_url)
-    key = f"blobscore:breaker:{job.service}:open_until"
+    key = f"{job.key_prefix}breaker:{job.service}:open_until"
     openings, was_open, deadline = 0, False, time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
@@ -284,7 +284,7 @@ def test_an_open_breaker_holds_workers_off_the_scorer_until_it_closes(
     client = redis.Redis.from_url(job.jobs_url)
     try:
         opened_at = time.time()
-        client.set(f"blobscore:breaker:{job.service}:open_until", opened_at + open_for_s, ex=int(open_for_s) + 1)
+        client.set(f"{job.key_prefix}breaker:{job.service}:open_until", opened_at + open_for_s, ex=int(open_for_s) + 1)
     finally:
         client.close()
     job.enqueue()

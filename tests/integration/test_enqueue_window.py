@@ -42,7 +42,7 @@ def _parts(tmp_path: Path, redis_url: str, azurite: Any, container: str) -> tupl
     settings = load_settings(tmp_path, broker_url=redis_url, queue=queue, service=SERVICE,
                              blob_connection_string=azurite.connection_string)
     spec = JobSpec(container, "", SERVICE, container, f"blobscore-results/{SERVICE}/")
-    return settings, JobStore.from_url(redis_url), BlobStore.from_settings(settings), spec
+    return settings, JobStore.from_settings(settings), BlobStore.from_settings(settings), spec
 
 
 def test_the_window_bounds_the_queue_and_workers_drain_it(
@@ -52,7 +52,9 @@ def test_the_window_bounds_the_queue_and_workers_drain_it(
     publish = TaskPublisher(create_app(settings), settings.queue_for(SERVICE))
     reports: list[Any] = []
     producer = threading.Thread(
-        target=lambda: reports.append(enqueue(store, jobs, publish, spec, EnqueueOptions(window=8, page_size=5))),
+        target=lambda: reports.append(
+            enqueue(store, jobs, publish, spec, settings.deployment, EnqueueOptions(window=8, page_size=5))
+        ),
         daemon=True,
     )
     producer.start()
@@ -85,7 +87,7 @@ def test_the_window_bounds_the_queue_and_workers_drain_it(
 def test_a_killed_producer_resumes_where_it_stopped(
     tmp_path: Path, redis_url: str, azurite: Any, photos_container: str
 ) -> None:
-    _, jobs, store, spec = _parts(tmp_path, redis_url, azurite, photos_container)
+    settings, jobs, store, spec = _parts(tmp_path, redis_url, azurite, photos_container)
     published: list[ImageTask] = []
 
     def publish_then_die(tasks: list[ImageTask]) -> None:
@@ -93,7 +95,7 @@ def test_a_killed_producer_resumes_where_it_stopped(
             raise KeyboardInterrupt("producer killed")
         published.extend(tasks)
 
-    job_id = jobs.create(spec)
+    job_id = jobs.create(spec, settings.deployment)
     with pytest.raises(KeyboardInterrupt):
         run_listing(store, jobs, publish_then_die, job_id, EnqueueOptions(page_size=5))
     progress = jobs.progress(job_id)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobServiceClient
 from pipeline_helpers import blobscore_env, read_stats, start_standin, start_worker, wait_until_done
-from shared_helpers import jpeg_bytes, run_cli, run_cli_json
+from shared_helpers import jpeg_bytes, run_cli, run_cli_json, settings_of
 
 from producer.samples import sample_photos
 
@@ -119,16 +119,16 @@ def test_a_retried_task_finds_its_result_and_does_not_score_again(
 ) -> None:
     from worker.celery_app import create_app
     from worker.contracts import TASK_NAME
-    from worker.settings import load_settings
 
     env, cwd, container = scored_container["env"], scored_container["cwd"], scored_container["container"]
     source = blob_service.get_blob_client(container, "chelsea.jpg").get_blob_properties()
     result_etag = blob_service.get_blob_client(container, f"{RESULTS}chelsea.jpg.json").get_blob_properties().etag
     calls_before = read_stats(scored_container["stats_file"])["predict_calls"]
-    settings = load_settings(cwd, broker_url=env["BLOBSCORE_BROKER_URL"], queue=env["BLOBSCORE_QUEUE"])
-    queue = settings.queue_for(SERVICE)
+    settings = settings_of(env)
+    queue, home = settings.queue_for(SERVICE), settings.deployment
     listed = sorted([*scored_container["photos"], *_bad_files()])
-    message = {"job_id": scored_container["job"]["job_id"], "index": listed.index("chelsea.jpg"),
+    message = {"namespace": home.namespace, "account": home.account.name, "endpoint": home.account.endpoint,
+               "job_id": scored_container["job"]["job_id"], "index": listed.index("chelsea.jpg"),
                "container": container, "blob": "chelsea.jpg", "etag": source.etag, "size": source.size,
                "service": SERVICE, "results_container": container, "results_prefix": RESULTS}
     app = create_app(settings)

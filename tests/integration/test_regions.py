@@ -119,7 +119,8 @@ def test_each_service_is_scored_only_by_its_regions_worker_with_its_key(
     client = blob_service.create_container(container)
     for number in range(IMAGES):
         client.upload_blob(f"img-{number}.jpg", jpeg_bytes(200 + number))
-    settings = load_settings(tmp_path, broker_url=private_redis_url)
+    settings = load_settings(tmp_path, broker_url=private_redis_url,
+                             blob_connection_string=azurite.connection_string)
     broker = redis.Redis.from_url(private_redis_url)
     westeurope = _start_region_worker(env, tmp_path, "westeurope")
     eastus: ManagedProcess | None = None

@@ -96,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, private_redis: PrivateRedis,
 
 def _settings(stack: Stack) -> Settings:
     return load_settings(stack.workdir, broker_url=stack.redis.url, queue=stack.env["BLOBSCORE_QUEUE"],
-                         service=SERVICE)
+                         service=SERVICE, blob_connection_string=stack.env["BLOBSCORE_BLOB_CONNECTION_STRING"])
 
 
 def _cli(stack: Stack, *args: str, cwd: Path | None = None) -> str:
@@ -159,7 +159,7 @@ def test_a_schedule_fires_on_its_own_and_scores_only_new_and_changed_images(
     calls_before = read_stats(stack.stats_file)["predict_calls"]
     _cli(stack, "schedule", "add", "incremental", "--container", container, "--service", SERVICE, "--every", "3s")
     settings = _settings(stack)
-    store, jobs = ScheduleStore.from_settings(settings), JobStore.from_url(settings.jobs_url)
+    store, jobs = ScheduleStore.from_settings(settings), JobStore.from_settings(settings)
     beat = _start_beat(stack, stack.workdir / "beat-incremental.log")
     try:
         # The first run, fired by beat on its own, queues every image.

@@ -506,7 +506,8 @@ def test_a_worker_deployment_per_region_with_its_services_keys_only(
 ) -> None:
     workers = worker_deployments()
     regions = {region for *_, region in workers}
-    settings = settings_from({}, K8S_CONFIG, monkeypatch, tmp_path)
+    # The namespace comes from the storage account in the cluster's Secret; any fixed one serves here.
+    settings = settings_from({}, K8S_CONFIG, monkeypatch, tmp_path).model_copy(update={"namespace": "prod"})
     assert regions == {service.region for service in settings.services.values()}, "a region without workers"
     for name, pod, container, region in workers:
         assert name == f"blobscore-worker-{region}"

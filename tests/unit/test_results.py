@@ -21,6 +21,7 @@ from worker.results import (
 )
 
 TASK = ImageTask(
+    namespace="acct-0123abcd", account="acct", endpoint="acct.blob.core.windows.net",
     job_id="j1", index=0, container="photos", blob="2024/cat.jpg", etag='"0x1"', size=1234, service="local",
     results_container="photos", results_prefix="blobscore-results/local/",
 )

@@ -135,8 +135,8 @@ def test_the_service_must_be_known() -> None:
 
 
 def test_runs_have_a_queue_of_their_own() -> None:
-    settings = _settings(queue="bs")
-    assert schedules_queue(settings) == "bs:schedules"
+    settings = _settings(queue="bs", namespace="prod")
+    assert schedules_queue(settings) == "bs.prod:schedules"
     assert schedules_queue(settings) not in {settings.queue_for(name) for name in settings.all_services()}
 
 

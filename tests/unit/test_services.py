@@ -66,9 +66,9 @@ def test_unknown_service_is_a_configuration_error(config: Path) -> None:
 
 
 def test_queues_per_service_and_region(config: Path) -> None:
-    settings = load_settings(config.parent)
-    assert queues_to_consume(settings, region="eastus") == ["bs.eastus-resnet"]
-    assert queues_to_consume(settings, services=["westeurope-ssd"]) == ["bs.westeurope-ssd"]
-    assert queues_to_consume(settings) == ["bs.eastus-resnet", "bs.local", "bs.westeurope-ssd"]
+    settings = load_settings(config.parent, namespace="prod")
+    assert queues_to_consume(settings, region="eastus") == ["bs.prod.eastus-resnet"]
+    assert queues_to_consume(settings, services=["westeurope-ssd"]) == ["bs.prod.westeurope-ssd"]
+    assert queues_to_consume(settings) == ["bs.prod.eastus-resnet", "bs.prod.local", "bs.prod.westeurope-ssd"]
     with pytest.raises(ConfigurationError, match="no service in region"):
         queues_to_consume(settings, region="southeastasia")

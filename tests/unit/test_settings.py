@@ -33,9 +33,10 @@ def test_defaults_for_results_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_task_message_carries_no_secrets_and_refuses_extras() -> None:
-    task = ImageTask(job_id="j", index=3, container="c", blob="b.jpg", etag="e", size=1, service="s",
-                     results_container="c", results_prefix="p/")
-    assert set(task.to_message()) == {"job_id", "index", "container", "blob", "etag", "size", "service",
-                                      "results_container", "results_prefix"}
+    task = ImageTask(namespace="a-1", account="a", endpoint="a.blob.core.windows.net", job_id="j", index=3,
+                     container="c", blob="b.jpg", etag="e", size=1, service="s", results_container="c",
+                     results_prefix="p/")
+    assert set(task.to_message()) == {"namespace", "account", "endpoint", "job_id", "index", "container", "blob",
+                                      "etag", "size", "service", "results_container", "results_prefix"}
     with pytest.raises(ValueError, match="extra"):
         ImageTask.from_message({**task.to_message(), "connection_string": "x"})
