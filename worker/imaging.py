@@ -1,4 +1,4 @@
-"""Check that downloaded bytes are a JPEG we can send: pure, cheap, and before any full-size decode."""
+"""Check that downloaded bytes are a JPEG we can send: pure, cheap (its structure, no decode unless asked)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import PermanentError, RejectionCode
+from worker.jpeg_structure import read_jpeg_structure
 
 # Formats Pillow reports for JPEG streams: MPO is a JPEG with extra frames (phones write it); the first frame counts.
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
@@ -26,16 +27,25 @@ class ImageFacts:
     mode: str
 
 
-def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageFacts:
-    """Return the facts of a decodable JPEG, or raise PermanentError with the reason it can never be scored."""
+def check_image(data: bytes, *, max_bytes: int, max_pixels: int, decode: bool = False) -> ImageFacts:
+    """Return the facts of a whole JPEG, or raise PermanentError with the reason it can never be scored.
+
+    By default only the JPEG's structure is read (markers, frame header, an end-of-image marker after the scans):
+    the scoring service decodes the image itself. With `decode` the entropy-coded data is decoded too (Pillow,
+    draft mode), which also catches corrupt data inside a well-formed stream.
+    """
     if not data:
         raise PermanentError(RejectionCode.EMPTY, "the blob is empty")
     if len(data) > max_bytes:
         raise PermanentError(RejectionCode.TOO_LARGE, f"{len(data)} bytes is over the {max_bytes}-byte cap")
-    with warnings.catch_warnings():
-        # Pillow warns (rather than raises) on large images; we decide on pixels ourselves below.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode_checked(data, max_pixels)
+    structure = read_jpeg_structure(data, max_pixels=max_pixels)
+    facts = ImageFacts(format="JPEG", width=structure.width, height=structure.height, mode=structure.mode)
+    if decode:
+        with warnings.catch_warnings():
+            # Pillow warns (rather than raises) on large images; we decide on pixels ourselves below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _decode_checked(data, max_pixels)
+    return facts
 
 
 def _decode_checked(data: bytes, max_pixels: int) -> ImageFacts:

@@ -49,6 +49,8 @@ class Limits:
     # When set, photos whose short side is over twice this are sent as a smaller copy (off by default: the FPGA
     # graph does its own preprocessing of the original bytes).
     shrink_short_side: int | None = None
+    # Also decode the whole image before sending it (settings.image_check == "decode"), not only read its structure.
+    full_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ def score_bytes(
     """Check and score one image's bytes; a PermanentError becomes a `rejected` result, anything else raises."""
     timings = dict(timings or {})
     try:
-        facts = check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        facts = check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                            decode=limits.full_decode)
         shrunk = shrink_for_model(data, facts, limits.shrink_short_side) if limits.shrink_short_side else None
         started = time.perf_counter()
         outputs = scorer.predict(shrunk.data if shrunk else data)

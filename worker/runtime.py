@@ -23,7 +23,8 @@ REDIS_SOCKET_TIMEOUT_S = 10
 def limits_from(settings: Settings) -> Limits:
     """The input limits and postprocessing options of the settings."""
     options = PostprocessOptions(top_k=settings.top_k, detection_threshold=settings.detection_threshold)
-    return Limits(settings.max_image_bytes, settings.max_image_pixels, options, settings.shrink_short_side)
+    return Limits(settings.max_image_bytes, settings.max_image_pixels, options, settings.shrink_short_side,
+                  full_decode=settings.image_check == "decode")
 
 
 @dataclass(frozen=True)

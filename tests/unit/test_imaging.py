@@ -88,3 +88,33 @@ def test_large_photos_shrink_upright_when_asked() -> None:
 def test_photos_near_the_model_size_are_sent_as_they_are() -> None:
     data = _encode("JPEG", size=(800, 600))
     assert shrink_for_model(data, check_image(data, **LIMITS), 448) is None
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_structure_and_full_decode_agree_on_good_and_truncated_jpegs(decode: bool) -> None:
+    data = _encode("JPEG", size=(640, 480), progressive=True)
+    assert check_image(data, **LIMITS, decode=decode) == check_image(data, **LIMITS)
+    with pytest.raises(PermanentError) as caught:
+        check_image(data[: len(data) // 2], **LIMITS, decode=decode)
+    assert caught.value.code is RejectionCode.TRUNCATED
+
+
+def _without_quantisation_tables(data: bytes) -> bytes:
+    out, pos = bytearray(data), 2
+    while out[pos + 1] != 0xDA:  # header segments up to the first scan
+        length = 2 + int.from_bytes(out[pos + 2 : pos + 4], "big")
+        if out[pos + 1] == 0xDB:
+            del out[pos : pos + length]
+        else:
+            pos += length
+    return bytes(out)
+
+
+def test_full_decode_also_rejects_a_whole_stream_that_cannot_be_decoded() -> None:
+    data = _without_quantisation_tables(_encode("JPEG"))
+    # Every marker is in place, so the default structural check passes it (the scoring service would reject it);
+    # only decoding finds the scan using a quantisation table the stream never defines.
+    assert check_image(data, **LIMITS).width == 320
+    with pytest.raises(PermanentError) as caught:
+        check_image(data, **LIMITS, decode=True)
+    assert caught.value.code is RejectionCode.TRUNCATED
