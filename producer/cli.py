@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from producer import exports
+from producer.diagnosis import diagnose
 from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
@@ -20,16 +23,35 @@ from producer.schedule_cli import mount as mount_schedules
 from worker.errors import BlobscoreError, ConfigurationError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings
-from worker.storage import BlobStore
+from worker.storage import BlobNotFoundError, BlobStore
 
 app = typer.Typer(help="Score the JPEGs of an Azure Blob container through a TF-Serving gRPC scoring service.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+# Exit codes of every command: 0 success, 1 done but something failed (a rejected image, a service that does not
+# answer), 2 a usage or configuration error (one line says what to fix).
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
 samples_app = typer.Typer(help="Real sample photos for trying blobscore.", no_args_is_help=True)
 app.add_typer(samples_app, name="samples")
 services_app = typer.Typer(help="The scoring services this configuration knows.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 mount_schedules(app)
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"blobscore {package_version('blobscore')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Score the JPEGs of an Azure Blob container through a TF-Serving gRPC scoring service."""
 
 
 def _mount_optional_apps() -> None:
@@ -83,11 +105,20 @@ def enqueue(
         if container is None:
             raise typer.BadParameter("--container is required (or --resume JOB)")
         spec = _job_spec(settings, container, prefix, service, results_container, results_prefix)
-        if dry_run:
-            report = count_only(store, spec, options)
-        else:
-            publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
-            report = run_enqueue(store, jobs, publish, spec, settings.deployment, options)
+        try:
+            if dry_run:
+                report = count_only(store, spec, options)
+            else:
+                publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
+                report = run_enqueue(store, jobs, publish, spec, settings.deployment, options)
+        except BlobNotFoundError as exc:
+            containers = {spec.container, spec.results_container}
+            raise BlobscoreError(
+                f"container {' or '.join(sorted(containers))} does not exist in storage account {settings.account}: "
+                "check --container (and --results-container)"
+            ) from exc
+    if report.listed == 0 and report.skipped_current == 0:
+        console.print(f"nothing to score: no JPEG under {spec.container}/{spec.prefix}", markup=False)
     if as_json:
         _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
                      "dry_run": dry_run})
@@ -136,16 +167,28 @@ def status(
     settings = _settings()
     jobs = JobStore.from_settings(settings)
     _check_origin(jobs, job_id, settings)
-    current = _watch(jobs, job_id) if watch else jobs.status(job_id)
+    current = _watch(jobs, job_id, settings) if watch else jobs.status(job_id)
+    problems = _problems(jobs, settings, current)
     if as_json:
-        _print_json(_status_dict(current))
+        _print_json({**_status_dict(current), **({"problems": problems} if problems else {})})
     else:
         typer.echo(" ".join(f"{key}={value}" for key, value in _status_dict(current).items()))
+        for line in problems:
+            typer.echo(f"! {line}")
 
 
-def _watch(jobs: JobStore, job_id: str, poll_s: float = 0.5) -> JobStatus:
+def _problems(jobs: JobStore, settings: Settings, current: JobStatus) -> list[str]:
+    queue = settings.queue_for(jobs.spec(current.job_id).service)
+    return diagnose(jobs, jobs.client, settings.key_prefix, queue, current)
+
+
+def _watch(jobs: JobStore, job_id: str, settings: Settings, poll_s: float = 0.5) -> JobStatus:
+    """Follow a job to its end: a progress bar on a terminal, a plain line every few seconds when piped."""
+    if not console.is_terminal:
+        return _watch_plain(jobs, job_id, settings)
     current = jobs.status(job_id)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    shown: list[str] = []
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task(job_id, total=current.listed or None)
         while True:
@@ -154,8 +197,28 @@ def _watch(jobs: JobStore, job_id: str, poll_s: float = 0.5) -> JobStatus:
                                         f"retrying={current.retrying}")
             if current.state == "done":
                 return current
+            problems = _problems(jobs, settings, current)
+            if problems != shown:
+                for line in problems:
+                    progress.console.print(f"! {line}", markup=False, highlight=False)
+                shown = problems
             time.sleep(poll_s)
             current = jobs.status(job_id)
+
+
+def _watch_plain(jobs: JobStore, job_id: str, settings: Settings, every_s: float = 5.0) -> JobStatus:
+    last_line, last_at = "", 0.0
+    while True:
+        current = jobs.status(job_id)
+        line = " ".join(f"{key}={value}" for key, value in _status_dict(current).items())
+        if current.state == "done":
+            return current
+        if line != last_line or time.monotonic() - last_at >= every_s:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            for problem in _problems(jobs, settings, current):
+                console.print(f"! {problem}", markup=False, highlight=False, soft_wrap=True)
+            last_line, last_at = line, time.monotonic()
+        time.sleep(0.5)
 
 
 @app.command()
@@ -194,8 +257,12 @@ def score(
     from producer.score_files import describe, score_files
 
     settings = _settings_for_scoring(service, address, model, tls, key_env, service_name)
+    rejected = 0
     for doc in score_files(files, settings):
+        rejected += doc.status != "ok"
         typer.echo(doc.to_json().decode("utf-8") if as_json else describe(doc))
+    if rejected:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _settings_for_scoring(
@@ -235,7 +302,8 @@ def reconcile(
     publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue_for(spec.service))
     report = run_reconcile(BlobStore.from_settings(settings), jobs, publish, job_id)
     summary = {"job_id": report.job_id, "listed": report.listed, "finished": report.finished,
-               "counted_from_results": report.counted_from_results, "requeued": report.requeued,
+               "counted_from_results": report.counted_from_results,
+               ("would_requeue" if dry_run else "requeued"): report.requeued,
                "source_missing": report.source_missing, "dry_run": dry_run}
     if as_json:
         _print_json(summary)
@@ -247,7 +315,7 @@ def reconcile(
 def worker(
     region: Annotated[str | None, typer.Option(help="Consume the queues of this region's services only.")] = None,
     service: Annotated[list[str] | None, typer.Option(help="Consume this service's queue only (repeatable).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Images in flight per process (threads).")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Images in flight per process (threads).")] = None,
 ) -> None:
     """Run a Celery worker that scores images (by default for every known service)."""
     from worker.worker_main import run_worker
@@ -341,21 +409,41 @@ def demo(
     if report.job_id is None:
         return
     console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")
-    final = _watch(jobs, report.job_id)
+    final = _watch(jobs, report.job_id, settings)
     elapsed = time.perf_counter() - started
     Console().print(exports.to_table(exports.job_results(BlobStore.from_settings(settings), jobs, report.job_id)))
     rate = final.listed / elapsed if elapsed > 0 else 0.0
     console.print(f"{final.ok} ok, {final.rejected} rejected in {elapsed:.1f} s ({rate:.1f} images/s)")
 
 
-def main() -> None:
-    """Entry point of the `blobscore` console script."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `blobscore` console script: the one error boundary of every command.
+
+    An expected failure (a setting, a config file, an unreachable service, an unknown job, a bad option) prints one
+    line naming what to fix and exits 2; `--debug` shows the traceback instead. Anything else is a bug and keeps its
+    traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [arg for arg in args if arg != "--debug"]
     _mount_optional_apps()
     try:
-        app()
+        code = app(args=args, prog_name="blobscore", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        raise SystemExit(130) from None
+    except typer.TyperException as exc:  # a usage error: typer's own (vendored) click exceptions derive from it
+        if debug:
+            raise
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {message} (see blobscore --help)", err=True)
+        raise SystemExit(EXIT_USAGE) from None
     except BlobscoreError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(2) from exc
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ def to_csv(docs: Iterable[ResultDoc]) -> str:
 
 
 def to_table(docs: Iterable[ResultDoc]) -> Table:
-    """A table of image -> top-1 label and score (or why it was rejected)."""
-    table = Table("image", "status", "top-1 label", "score")
+    """A table of image -> top-1 label and score, or the rejection code in a column of its own."""
+    table = Table("image", "status", "top-1 label", "score", "rejection")
     for doc in docs:
         top = doc.labels[0] if doc.labels else None
         if top is not None:
-            table.add_row(doc.source.blob, doc.status, top.label, f"{top.score:.3f}")
+            table.add_row(doc.source.blob, doc.status, top.label, f"{top.score:.3f}", "")
         else:
-            table.add_row(doc.source.blob, doc.status, doc.error.code if doc.error else "", "")
+            table.add_row(doc.source.blob, doc.status, "", "", doc.error.code if doc.error else "")
     return table

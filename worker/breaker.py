@@ -18,9 +18,11 @@ LOCAL_CACHE_S = 0.5
 class CircuitOpenError(TransientError):
     """The scoring service failed repeatedly: nobody calls it until the breaker closes again."""
 
-    def __init__(self, service: str, remaining_s: float) -> None:
-        super().__init__(f"circuit open for service {service!r} for {remaining_s:.1f} s more")
+    def __init__(self, service: str, remaining_s: float, reason: str | None = None) -> None:
+        why = f": {reason}" if reason else ""
+        super().__init__(f"circuit open for service {service!r} for {remaining_s:.1f} s more{why}")
         self.remaining_s = remaining_s
+        self.reason = reason
 
 
 class CircuitBreaker:
@@ -34,6 +36,7 @@ class CircuitBreaker:
         self._open_s = open_s
         self._lock = threading.Lock()
         self._open_until = 0.0
+        self._reason: str | None = None
         self._checked_at = 0.0
         self._failures_seen = False
 
@@ -43,13 +46,27 @@ class CircuitBreaker:
         if now - self._checked_at > LOCAL_CACHE_S:
             with self._lock:
                 try:
-                    value = self._redis.get(self._key("open_until"))
+                    value, reason = self._redis.mget([self._key("open_until"), self._key("reason")])
                 except redis.RedisError:
-                    value = None  # Without Redis the breaker fails open: the scorer's own errors still count.
+                    value = reason = None  # Without Redis the breaker fails open: the scorer's own errors still count.
                 self._open_until = float(value) if value else 0.0
+                self._reason = str(reason) if reason else None
                 self._checked_at = now
         if self._open_until > now:
-            raise CircuitOpenError(self._service, self._open_until - now)
+            raise CircuitOpenError(self._service, self._open_until - now, self._reason)
+
+    def open_for(self, reason: str) -> None:
+        """Open at once for everyone, with the reason shown to whoever waits (a refused key: no call can succeed)."""
+        until = time.time() + self._open_s
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.set(self._key("open_until"), until, ex=int(self._open_s) + 1)
+            pipe.set(self._key("reason"), reason, ex=int(self._open_s) + 1)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the local state below still holds this process's threads off the service
+        with self._lock:
+            self._open_until, self._reason, self._checked_at = until, reason, time.time()
 
     def record_failure(self) -> None:
         """Count one outage-like failure; open the breaker for everyone once the threshold is reached."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_shutdown
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
 
+from worker.presence import Presence
 from worker.runtime import ProcessResources
 from worker.settings import Settings
 from worker.tasks import register_tasks
@@ -60,17 +61,26 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings) -> Celery:
-    """A Celery app with the image task registered; per-process adapters open on first use."""
+def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
+    """A Celery app with the image task registered; per-process adapters open on first use.
+
+    A worker passes the queues it `consumes`: once it is ready it publishes its presence (worker/presence.py).
+    """
     app = Celery("blobscore")
     app.conf.update(celery_config(settings))
     resources = ProcessResources(settings)
-    register_tasks(app, settings, resources)
+    presence = Presence(settings.key_prefix, consumes or [])
+    register_tasks(app, settings, resources, presence)
+
+    def _start(**_: Any) -> None:
+        presence.start(resources.get().redis)
 
     def _close(**_: Any) -> None:
+        presence.stop()
         resources.close()
 
     # Weak references would let the closures be collected; keep them connected for the app's life.
+    worker_ready.connect(_start, weak=False)
     worker_process_shutdown.connect(_close, weak=False)
     worker_shutdown.connect(_close, weak=False)
     return app

@@ -45,9 +45,13 @@ class Deployment:
     namespace: str
     account: AccountRef
 
-    def owns(self, namespace: str, account_name: str, endpoint: str) -> bool:
-        """True when a task stamped with these belongs to this deployment."""
-        return (namespace, account_name, endpoint) == (self.namespace, self.account.name, self.account.endpoint)
+    def owns(self, namespace: str, account_name: str) -> bool:
+        """True when a task stamped with these belongs to this deployment.
+
+        The endpoint is not compared: one account may be reached through several (a private endpoint, a proxy),
+        and account names are unique in Azure. It still tells two emulators apart, through the derived namespace.
+        """
+        return (namespace, account_name) == (self.namespace, self.account.name)
 
 
 def normalize_endpoint(url: str) -> str:

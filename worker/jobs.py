@@ -20,6 +20,8 @@ from worker.settings import Settings
 Outcome = Literal["ok", "rejected"]
 JobState = Literal["listing", "running", "done"]
 Part = Literal["listed", "ok", "rejected", "retrying"]
+# An error message kept in a job record is cut to this many characters.
+MAX_ERROR_MESSAGE = 500
 
 # Counts an image's outcome once: the bit of its index in either outcome bitmap says it was counted already.
 _RECORD_OUTCOME = """
@@ -66,6 +68,18 @@ class JobStatus:
     retrying: int
     pending: int
     state: JobState
+
+
+@dataclass(frozen=True)
+class JobError:
+    """The latest error of one kind that held a job's images back: what, where, how often, since when."""
+
+    reason: str
+    service: str
+    message: str
+    count: int
+    first_seen: float
+    last_seen: float
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,11 @@ class JobStore:
     def close(self) -> None:
         """Release the connection pool."""
         self._redis.close()
+
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client underneath (for reads next to the job's, such as queue presence)."""
+        return self._redis
 
     def create(self, spec: JobSpec, origin: Deployment, job_id: str | None = None) -> str:
         """Record a new job of deployment `origin` in the `listing` state and return its id."""
@@ -212,6 +231,30 @@ class JobStore:
         """Mark the image as waiting on a retry (a small set: only images in trouble are in it)."""
         with _translated(f"record retry in job {job_id}"):
             self._redis.sadd(self._key(job_id, "retrying"), blob)
+
+    def record_error(self, job_id: str, reason: str, service: str, message: str) -> None:
+        """Note an error that holds an image back (one small hash per job: a field set per kind of error)."""
+        key, now = self._key(job_id, "errors"), time.time()
+        with _translated(f"record error in job {job_id}"):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hincrby(key, f"{reason}:count", 1)
+            pipe.hsetnx(key, f"{reason}:first", now)
+            pipe.hset(key, mapping={f"{reason}:last": now, f"{reason}:service": service,
+                                    f"{reason}:message": message[:MAX_ERROR_MESSAGE]})
+            pipe.execute()
+
+    def errors(self, job_id: str) -> list[JobError]:
+        """The errors that held the job's images back, most recent first."""
+        with _translated(f"read errors of job {job_id}"):
+            fields: dict[str, str] = self._redis.hgetall(self._key(job_id, "errors"))  # type: ignore[assignment]
+        reasons = {name.rsplit(":", 1)[0] for name in fields}
+        found = [
+            JobError(reason, fields.get(f"{reason}:service", ""), fields.get(f"{reason}:message", ""),
+                     int(fields.get(f"{reason}:count", 0)), float(fields.get(f"{reason}:first", 0)),
+                     float(fields.get(f"{reason}:last", 0)))
+            for reason in reasons
+        ]
+        return sorted(found, key=lambda error: error.last_seen, reverse=True)
 
     def status(self, job_id: str) -> JobStatus:
         """The job's counts and state."""

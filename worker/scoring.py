@@ -13,7 +13,7 @@ from worker import wire
 from worker.errors import ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.models.catalog import ModelProfile, get_profile
 from worker.protos.tf_serving_pb2 import GetModelMetadataRequest
-from worker.services import ServiceConfig
+from worker.services import ServiceConfig, setting_for
 from worker.settings import Settings
 
 # Outage-like statuses: they feed the circuit breaker as well as the retry policy.
@@ -56,14 +56,38 @@ class ScoringUnavailableError(TransientError):
     """The scoring service is down, overloaded or too slow: retry later, and count it for the circuit breaker."""
 
 
-def error_for_status(code: grpc.StatusCode, details: str) -> Exception:
+class ScoringConfigurationError(ConfigurationError):
+    """The service refuses our key or route, or does not speak the protocol: the settings need fixing."""
+
+    def __init__(self, service: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.service = service
+        self.code = code
+
+
+def configuration_message(service: ServiceConfig, code: grpc.StatusCode, details: str) -> str:
+    """What went wrong with a service's settings, and which setting to check (never the key itself)."""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        problem, setting = "rejects the key", setting_for(service, "key")
+    elif code is grpc.StatusCode.NOT_FOUND:
+        problem, setting = f"does not know the route {service.route!r}", setting_for(service, "route")
+    elif code is grpc.StatusCode.UNIMPLEMENTED:
+        problem, setting = "does not serve TF Serving's PredictionService", setting_for(service, "address")
+    else:
+        problem, setting = "refuses the request", f"{setting_for(service, 'key')} and {setting_for(service, 'route')}"
+    return f"scoring service {service.name} at {service.target} {problem} ({code.name}: {details}) — check {setting}"
+
+
+def error_for_status(code: grpc.StatusCode, details: str, service: ServiceConfig | None = None) -> Exception:
     """Our error for a gRPC status: transient (retry), configuration (fix settings) or permanent (reject)."""
     if code in OUTAGE_CODES:
         return ScoringUnavailableError(f"scoring service {code.name}: {details}")
     if code in TRANSIENT_CODES:
         return TransientError(f"scoring service {code.name}: {details}")
     if code in CONFIGURATION_CODES:
-        return ConfigurationError(f"scoring service {code.name}: {details}")
+        if service is None:
+            return ConfigurationError(f"scoring service {code.name}: {details}")
+        return ScoringConfigurationError(service.name, code.name, configuration_message(service, code, details))
     return PermanentError(RejectionCode.SCORER_REJECTED, f"scoring service {code.name}: {details}")
 
 
@@ -98,7 +122,9 @@ class Scorer:
         input_name: str,
         metadata: tuple[tuple[str, str], ...],
         timeout_s: float,
+        service: ServiceConfig | None = None,
     ) -> None:
+        self._service = service
         self._channel = channel
         self._predict = wire.predict_callable(channel)
         self._profile = profile
@@ -116,6 +142,7 @@ class Scorer:
             input_name=service.input_name,
             metadata=wire.call_metadata(key, service.route),
             timeout_s=settings.scoring_timeout_s,
+            service=service,
         )
 
     @property
@@ -129,7 +156,7 @@ class Scorer:
         try:
             response = self._predict(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "") from exc
+            raise error_for_status(exc.code(), exc.details() or "", self._service) from exc
         # No output_filter: the FPGA service returns its fixed outputs and its sample client never sends one.
         try:
             return {name: wire.tensor_to_ndarray(response.outputs[name]) for name in self._profile.outputs
@@ -145,7 +172,7 @@ class Scorer:
             return "model metadata answered"
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                raise error_for_status(exc.code(), exc.details() or "") from exc
+                raise error_for_status(exc.code(), exc.details() or "", self._service) from exc
         return self._check_health()
 
     def _check_health(self) -> str:
@@ -155,7 +182,7 @@ class Scorer:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "") from exc
+            raise error_for_status(exc.code(), exc.details() or "", self._service) from exc
         return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ class ServiceConfig(BaseModel):
     model: str = "resnet50"
     input_name: str = DEFAULT_INPUT_NAME
     output_names: list[str] = Field(default_factory=list)
+    # False for the default service built from the flat BLOBSCORE_SCORING_* settings: error hints name those.
+    from_registry: bool = Field(default=True, exclude=True)
 
     @property
     def target(self) -> str:
@@ -38,6 +40,17 @@ class ServiceConfig(BaseModel):
     def describe(self) -> dict[str, object]:
         """A printable view: everything but the key, and whether a key was found."""
         return {**self.model_dump(mode="json"), "key_set": self.key is not None}
+
+
+def setting_for(service: ServiceConfig, what: str) -> str:
+    """Where the user sets a service's `key`, `route` or `address`: the setting an error message tells them to check."""
+    if not service.from_registry:
+        flat = {"key": "BLOBSCORE_SCORING_KEY", "route": "BLOBSCORE_SCORING_SERVICE_NAME",
+                "address": "BLOBSCORE_SCORING_ADDRESS/_PORT"}
+        return flat[what]
+    if what == "key":
+        return service.key_env or f"key_env of [services.{service.name}]"
+    return f"{'route' if what == 'route' else 'address/port'} of [services.{service.name}]"
 
 
 def queue_name(base: str, namespace: str, service: str) -> str:

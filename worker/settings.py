@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from worker.deployment import (
     AccountRef,
@@ -26,6 +27,10 @@ from worker.services import ServiceConfig, queue_name
 STACK_FILE = Path(".blobscore") / "stack.json"
 CONFIG_FILE = Path("blobscore.toml")
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+# The tables a config file may have; anything else is a typo that would silently fall back to a default.
+CONFIG_TABLES = frozenset({"blobscore", "services", "schedules"})
+# Never echoed in an error message.
+SECRET_SETTINGS = frozenset({"blob_connection_string", "scoring_key", "services"})
 MiB = 1024 * 1024
 
 
@@ -55,7 +60,7 @@ class Settings(BaseSettings):
     service: str = "local"
     scoring_region: str = "local"
     scoring_address: str = "127.0.0.1"
-    scoring_port: int = 8500
+    scoring_port: int = Field(default=8500, ge=1, le=65535)
     scoring_tls: bool = False
     scoring_ca_file: Path | None = None
     scoring_key: SecretStr | None = None
@@ -63,7 +68,7 @@ class Settings(BaseSettings):
     scoring_model: str = "resnet50"
     scoring_input_name: str = DEFAULT_INPUT_NAME
     scoring_output_names: list[str] = Field(default_factory=list)
-    scoring_timeout_s: float = 10.0
+    scoring_timeout_s: float = Field(default=10.0, gt=0)
 
     # Results.
     results_container: str | None = None
@@ -73,8 +78,8 @@ class Settings(BaseSettings):
     detection_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
 
     # Input limits, checked before anything is decoded.
-    max_image_bytes: int = 16 * MiB
-    max_image_pixels: int = 80_000_000
+    max_image_bytes: int = Field(default=16 * MiB, ge=1)
+    max_image_pixels: int = Field(default=80_000_000, ge=1)
     # How a downloaded image is checked before it is sent: "structure" reads the JPEG's markers and frame header
     # (no decode: the scoring service decodes the JPEG itself and answers INVALID_ARGUMENT for one it cannot);
     # "decode" also decodes the whole entropy-coded stream, for services that do not check for themselves.
@@ -87,19 +92,18 @@ class Settings(BaseSettings):
     enqueue_window: int = Field(default=40_000, ge=1)
 
     # Worker.
-    worker_concurrency: int = 16
-    max_transient_retries: int = 30
-    retry_backoff_max_s: float = 60.0
+    worker_concurrency: int = Field(default=16, ge=1)
+    max_transient_retries: int = Field(default=30, ge=0)
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
     # Unacked messages come back after this long; must exceed a task's run plus the longest retry countdown.
-    visibility_timeout_s: int = 240
+    visibility_timeout_s: int = Field(default=240, ge=1)
     # Starts of one image that never finished (worker killed or hung) before it is rejected as a poison pill.
-    max_crash_attempts: int = 3
-    breaker_failure_threshold: int = 10
-    breaker_open_s: float = 10.0
-    soft_shutdown_timeout_s: float = 10.0
+    max_crash_attempts: int = Field(default=3, ge=1)
+    breaker_failure_threshold: int = Field(default=10, ge=1)
+    breaker_open_s: float = Field(default=10.0, gt=0)
+    soft_shutdown_timeout_s: float = Field(default=10.0, ge=0)
     # The longest one task may run: its download, Predict and upload calls each have a deadline well below it.
-    task_time_limit_s: float = 90.0
-
+    task_time_limit_s: float = Field(default=90.0, gt=0)
 
     def service_config(self, name: str | None = None) -> ServiceConfig:
         """The named service (default: `service`), from the registry or, for the default, the scoring_* fields."""
@@ -113,7 +117,7 @@ class Settings(BaseSettings):
             name=name, region=self.scoring_region, address=self.scoring_address, port=self.scoring_port,
             tls=self.scoring_tls, ca_file=self.scoring_ca_file, key=self.scoring_key,
             route=self.scoring_service_name, model=self.scoring_model, input_name=self.scoring_input_name,
-            output_names=self.scoring_output_names,
+            output_names=self.scoring_output_names, from_registry=False,
         )
 
     def all_services(self) -> dict[str, ServiceConfig]:
@@ -181,15 +185,58 @@ def _file_layers(workdir: Path, config_file: Path | None) -> dict[str, Any]:
     stack_file = workdir / STACK_FILE
     if stack_file.is_file():
         values.update(json.loads(stack_file.read_text("utf-8")).get("settings", {}))
-    config = config_file or _config_from_env() or workdir / CONFIG_FILE
+    named = config_file or _config_from_env()
+    if named is not None and not named.is_file():
+        raise ConfigurationError(f"config file {named} does not exist (BLOBSCORE_CONFIG or --config): fix the path")
+    config = named or workdir / CONFIG_FILE
     if config.is_file():
-        with config.open("rb") as handle:
-            document = tomllib.load(handle)
-        values.update(document.get("blobscore", {}))
-        services = document.get("services", {})
-        if services:
-            values["services"] = {name: {**table, "name": name} for name, table in services.items()}
+        values.update(config_values(config))
     return values
+
+
+def config_values(path: Path) -> dict[str, Any]:
+    """The settings of a config file's [blobscore] and [services.NAME] tables; any unknown key is an error."""
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from exc
+    stray = sorted(set(document) - CONFIG_TABLES)
+    if stray:
+        raise ConfigurationError(
+            f"{path}: unknown top-level key(s) {', '.join(stray)}; settings go in the [blobscore] table, "
+            "services in [services.NAME], schedules in [schedules.NAME]"
+        )
+    table = document.get("blobscore", {})
+    for key in table:
+        if key not in Settings.model_fields or key == "services":
+            raise ConfigurationError(f"{path}: unknown setting {key!r} in [blobscore]{_did_you_mean(key)}")
+    values = dict(table)
+    services = document.get("services", {})
+    if services:
+        values["services"] = {name: {**entry, "name": name} for name, entry in services.items()}
+    return values
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, [name for name in Settings.model_fields if name != "services"], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def explain_invalid(exc: ValidationError) -> ConfigurationError:
+    """One line naming each bad setting (its variable and config key), never echoing a secret's value."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        location = [str(part) for part in error["loc"]]
+        name = location[0] if location else "settings"
+        where = f"BLOBSCORE_{name.upper()} (or {name} in the config file)" if name in Settings.model_fields else name
+        if len(location) > 1:
+            where += " " + ".".join(location[1:])
+        shown = "" if name in SECRET_SETTINGS or "input" not in error else f" (got {error['input']!r})"
+        problems.append(f"{where}: {error['msg'].lower()}{shown}")
+    return ConfigurationError("invalid setting: " + "; ".join(problems))
 
 
 def _with_keys(services: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
@@ -207,10 +254,19 @@ def _config_from_env() -> Path | None:
 
 
 def load_settings(workdir: Path | None = None, config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build the Settings: overrides > BLOBSCORE_* env > config file ([blobscore] table) > .blobscore/stack.json."""
-    from_env = Settings(**overrides)
-    explicit = {name: getattr(from_env, name) for name in from_env.model_fields_set}
-    settings = Settings(**{**_file_layers(workdir or Path.cwd(), config_file), **explicit})
+    """Build the Settings: overrides > BLOBSCORE_* env > config file ([blobscore] table) > .blobscore/stack.json.
+
+    Every mistake (a bad value, a config file that is missing, malformed or has an unknown key) is one
+    ConfigurationError that names the variable or key to fix.
+    """
+    try:
+        from_env = Settings(**overrides)
+        explicit = {name: getattr(from_env, name) for name in from_env.model_fields_set}
+        settings = Settings(**{**_file_layers(workdir or Path.cwd(), config_file), **explicit})
+    except ValidationError as exc:
+        raise explain_invalid(exc) from None  # the chained error would repeat the values, secrets included
+    except SettingsError as exc:
+        raise ConfigurationError(f"invalid setting: {exc} (list settings take JSON, e.g. '[\"a\", \"b\"]')") from None
     if not settings.services:
         return settings
     return settings.model_copy(update={"services": _with_keys(settings.services)})

@@ -16,10 +16,11 @@ from worker.contracts import TASK_NAME, ImageTask, SourceRef
 from worker.deployment import Deployment
 from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.pipeline import process_image
+from worker.presence import Presence
 from worker.results import rejected_result, result_location, result_metadata
 from worker.retry import backoff_delay, failed_attempts, should_retry
 from worker.runtime import ProcessResources, WorkerResources
-from worker.scoring import ScoringUnavailableError
+from worker.scoring import ScoringConfigurationError, ScoringUnavailableError
 from worker.services import queue_name
 from worker.settings import Settings
 
@@ -33,7 +34,7 @@ MISROUTED_SUFFIX = ".misrouted"
 MISROUTED_KEY = "misrouted"
 
 
-def register_tasks(app: Celery, settings: Settings, resources: ProcessResources) -> None:
+def register_tasks(app: Celery, settings: Settings, resources: ProcessResources, presence: Presence) -> None:
     """Register the image task on `app`."""
     home = settings.deployment  # fixed for the process: checked against every task before anything is done
 
@@ -45,8 +46,9 @@ def register_tasks(app: Celery, settings: Settings, resources: ProcessResources)
             # Nothing identifies a job to count it against: refuse loudly, never retry a malformed message.
             log.error("refused malformed task message: %s", exc.errors(include_input=False))
             return "refused"
-        if not home.owns(task.namespace, task.account, task.endpoint):
+        if not home.owns(task.namespace, task.account):
             return _hand_back(self, task, message, breaker_waits, home, settings, resources)
+        presence.took(settings.queue_for(task.service))
         try:
             return _guarded(self, task, resources.get(), settings, breaker_waits)
         except Retry:
@@ -135,6 +137,7 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
     except CircuitOpenError as exc:
         # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
         worker.jobs.record_retry(task.job_id, task.blob)
+        _note_error(worker, task, exc)
         raise task_self.retry(
             exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s),
             kwargs={"breaker_waits": breaker_waits + 1},
@@ -142,6 +145,10 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
     except Exception as exc:
         if isinstance(exc, ScoringUnavailableError):
             service.breaker.record_failure()
+        elif isinstance(exc, ScoringConfigurationError):
+            # A refused key or route (rotated since start-up): no call can succeed, so everyone waits on the
+            # breaker, which shows why, instead of each image spending its retries.
+            service.breaker.open_for(str(exc))
         limit = settings.max_transient_retries if should_retry(exc) else MAX_UNEXPECTED_RETRIES
         if attempt >= limit:
             code = RejectionCode.RETRIES_EXHAUSTED if should_retry(exc) else RejectionCode.INTERNAL_ERROR
@@ -149,9 +156,25 @@ def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Se
             return _finish_with_error(task, worker, code, f"gave up after {attempt + 1} attempts: {exc}")
         log.warning("retrying %s/%s (attempt %d): %s", task.container, task.blob, attempt + 1, exc)
         worker.jobs.record_retry(task.job_id, task.blob)
+        _note_error(worker, task, exc)
         raise task_self.retry(exc=exc, countdown=backoff_delay(attempt, settings.retry_backoff_max_s)) from exc
     service.breaker.record_success()
     return status
+
+
+def error_reason(exc: BaseException) -> str:
+    """The kind of error a job record counts: the gRPC status of a scoring error, else the error's class."""
+    if isinstance(exc, CircuitOpenError):
+        return "circuit_open"
+    code = getattr(exc, "code", None)
+    return str(code) if isinstance(code, str) else type(exc).__name__
+
+
+def _note_error(worker: WorkerResources, task: ImageTask, exc: BaseException) -> None:
+    # The message behind a waiting breaker is the error that opened it (a refused key names its setting).
+    message = (exc.reason or str(exc)) if isinstance(exc, CircuitOpenError) else str(exc)
+    with contextlib.suppress(Exception):  # a note is not worth failing the retry for
+        worker.jobs.record_error(task.job_id, error_reason(exc), task.service, message)
 
 
 def _finish_with_error(task: ImageTask, worker: WorkerResources, code: RejectionCode, message: str) -> str:

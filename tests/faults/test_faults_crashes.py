@@ -25,7 +25,7 @@ from fault_helpers import (
     wait_exit,
     wait_for,
 )
-from shared_helpers import jpeg_bytes
+from shared_helpers import jpeg_bytes, settings_of
 
 Report = Callable[[dict[str, Any]], None]
 # A Predict takes this long at the stand-in, so a task is reliably "in flight" when we strike.
@@ -103,8 +103,10 @@ def test_crash_after_the_result_upload_before_the_ack_is_not_scored_again(
         proxied = connection_string(faults_azurite.port).replace(
             f"127.0.0.1:{faults_azurite.port}", f"127.0.0.1:{proxy.port}"
         )
+        # The same account through another endpoint: the namespace is pinned, as a user behind a proxy would.
         worker = start_worker(procs, job.env, job.workdir / "worker-1.log", concurrency=1,
-                              extra={"BLOBSCORE_BLOB_CONNECTION_STRING": proxied})
+                              extra={"BLOBSCORE_BLOB_CONNECTION_STRING": proxied,
+                                     "BLOBSCORE_NAMESPACE": settings_of(job.env).namespace_in_use})
         proxy.victim = worker
         proxy.armed.set()
         job.enqueue()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from worker.errors import PermanentError, RejectionCode
+from worker.errors import ConfigurationError, PermanentError, RejectionCode
 from worker.models.catalog import PROFILES, LabelSet, get_profile
 from worker.models.classification import stable_softmax, top_k
 from worker.models.labels import class_names
@@ -67,5 +67,5 @@ def test_catalog_output_names_and_overrides() -> None:
     assert len(PROFILES["ssd_vgg"].outputs) == 12
     edge = get_profile("resnet50").with_outputs(("classifier/resnet_v1_50/predictions/Softmax:0",))
     assert edge.outputs == ("classifier/resnet_v1_50/predictions/Softmax:0",)
-    with pytest.raises(ValueError, match="unknown model profile"):
+    with pytest.raises(ConfigurationError, match="unknown model profile"):
         get_profile("inception")

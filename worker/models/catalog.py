@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from worker.errors import ConfigurationError
+
 
 class OutputKind(StrEnum):
     """What the model's output tensors hold."""
@@ -86,8 +88,11 @@ PROFILES: dict[str, ModelProfile] = {
 
 
 def get_profile(name: str) -> ModelProfile:
-    """The profile called `name`, or ValueError listing the known ones."""
+    """The profile called `name`, or a ConfigurationError listing the known ones."""
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown model profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+        raise ConfigurationError(
+            f"unknown model profile {name!r} (BLOBSCORE_SCORING_MODEL, a service's model, or --model); "
+            f"known: {', '.join(sorted(PROFILES))}"
+        ) from None
