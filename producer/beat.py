@@ -30,6 +30,7 @@ from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, RedBeatScheduler, acquire_d
 from producer.scheduled_run import register_scheduled_run
 from producer.schedules import (
     BEAT_MAX_LOOP_INTERVAL_S,
+    BeatEntry,
     ScheduleSpec,
     ScheduleStore,
     SyncReport,
@@ -47,6 +48,8 @@ STOP_WAIT_S = 5.0
 class LockedRedBeatScheduler(RedBeatScheduler):  # type: ignore[misc]
     """redbeat's scheduler taking its lock in the loop (never blocking) and riding out Redis outages."""
 
+    # Entries scored by when they are really due (redbeat's own due_at drifts earlier; see next_run_at).
+    Entry = BeatEntry
     lock: Any = None
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:

@@ -47,7 +47,8 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the schedule as one JSON object.")] = False,
 ) -> None:
     """Create or replace a schedule: score the new and changed images under CONTAINER/PREFIX on a timetable."""
-    from producer.schedules import ScheduleStore, check_service, make_spec
+    from producer.schedules import ScheduleStore, check_container, check_service, make_spec
+    from worker.storage import BlobStore
 
     if (cron is None) == (every is None):
         raise typer.BadParameter("give exactly one of --cron or --every")
@@ -55,6 +56,11 @@ def add(
     spec = make_spec(name=name, container=container, prefix=prefix, service=service, cron=cron, every=every,
                      results_container=results_container, results_prefix=results_prefix)
     check_service(spec, settings)
+    blobs = BlobStore.from_settings(settings)
+    try:
+        check_container(spec, blobs, settings.account)
+    finally:
+        blobs.close()
     store = ScheduleStore.from_settings(settings)
     try:
         new = store.add(spec)
@@ -136,11 +142,13 @@ def run(
         raise typer.Exit(1)
 
 
+# typer renders the help as rich markup: the escaped bracket keeps `[schedules.NAME]` from being read as a markup
+# tag, and dropped.
 def beat_command(
     concurrency: Annotated[int, typer.Option(min=1, help="Scheduled runs executed at once by this process.")] = 2,
 ) -> None:
     """Fire the schedules kept in Redis (celery beat with redbeat) and execute their runs; syncs the config file's
-    [schedules.NAME] tables first. Run several for availability: one fires, the others stand by."""
+    \\[schedules.NAME] tables first. Run several for availability: one fires, the others stand by."""
     from producer.beat import run_beat
     from producer.schedules import schedules_from_config
 

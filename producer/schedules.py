@@ -15,7 +15,11 @@ that sync (a config table of the same name takes them over). Give that Redis per
 survive restarts of Redis as well as of beat.
 
 Cron expressions are evaluated in UTC. A new schedule first fires one interval after it was added (cron: at the next
-matching minute); `blobscore schedule run NAME` runs it now.
+matching minute); `blobscore schedule run NAME` runs it now. `blobscore schedule add` refuses a container the storage
+account does not have.
+
+When a schedule is next due is `next_run_at`'s answer, for `schedule list` and for the score of its redbeat entry
+(`BeatEntry`): redbeat's own `due_at` drifts earlier as time passes (see `next_run_at`).
 """
 
 from __future__ import annotations
@@ -31,18 +35,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 from celery import Celery
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from redbeat.schedulers import RedBeatSchedulerEntry, ensure_conf
 
 from worker.celery_app import celery_config
+from worker.deployment import AccountRef
 from worker.errors import BlobscoreError
 from worker.jobs import JobSpec, JobState
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,10 @@ class InvalidScheduleError(BlobscoreError):
 
 class UnknownScheduleError(BlobscoreError):
     """No schedule with that name."""
+
+
+class UnknownContainerError(BlobscoreError):
+    """The schedule's container does not exist in the storage account."""
 
 
 def parse_every(text: str) -> timedelta:
@@ -195,6 +208,49 @@ def _error_message(error: Mapping[str, Any]) -> str:
 def check_service(spec: ScheduleSpec, settings: Settings) -> None:
     """ConfigurationError unless the spec's service is one the settings know."""
     settings.service_config(spec.service)
+
+
+def check_container(spec: ScheduleSpec, store: BlobStore, account: AccountRef) -> None:
+    """UnknownContainerError unless the spec's container exists in the storage account (lists one blob at most)."""
+    from worker.storage import BlobNotFoundError
+
+    try:
+        next(store.list_pages(spec.container, spec.prefix, None, 1), None)
+    except BlobNotFoundError as exc:  # a listing is "not found" only when its container is
+        raise UnknownContainerError(
+            f"container {spec.container} does not exist in storage account {account}: check --container, or create "
+            "the container first"
+        ) from exc
+
+
+def next_run_at(schedule: Any, last_run_at: datetime | None, now: datetime) -> datetime | None:
+    """When a celery schedule last run at `last_run_at` is next due, seen at aware `now` (None: never again)."""
+    if now.tzinfo is None:
+        raise ValueError(f"now must be timezone-aware, got {now!r}")
+    if last_run_at is None:
+        return now  # never run: due at once, as redbeat's is_due has it
+    # remaining_estimate(last_run_at) is the time from the schedule's clock (not from last_run_at) to the next event
+    # after last_run_at: redbeat adds it to last_run_at, which drifts earlier as the clock runs. Read it at `now`.
+    remaining: timedelta | None = _clock_at(schedule, now).remaining_estimate(last_run_at)
+    if remaining is None:
+        return None
+    return now + max(remaining, timedelta(0))
+
+
+def _clock_at(schedule: Any, now: datetime) -> Any:
+    """A copy of a celery schedule whose clock reads `now` (copy.copy would drop its app, hence its timezone)."""
+    pinned = object.__new__(type(schedule))
+    pinned.__dict__.update(schedule.__dict__, nowfun=lambda: now)
+    return pinned
+
+
+class BeatEntry(RedBeatSchedulerEntry):  # type: ignore[misc]
+    """redbeat's entry due at `next_run_at`: its score in redbeat's zset does not drift earlier."""
+
+    @property
+    def due_at(self) -> datetime | None:
+        """When the entry is next due (now if it never ran)."""
+        return next_run_at(self.schedule, self.last_run_at, self._default_now())
 
 
 def schedules_from_config(path: Path) -> dict[str, ScheduleSpec]:
@@ -320,8 +376,6 @@ class ScheduleStore:
 
     def __init__(self, app: Celery, client: redis.Redis, prefix: str) -> None:
         """`app` carries the redbeat configuration; `client` (decode_responses=True) holds our records."""
-        from redbeat.schedulers import ensure_conf
-
         ensure_conf(app)
         self._app = app
         self._redis = client
@@ -362,8 +416,6 @@ class ScheduleStore:
     # Schedules.
     def add(self, spec: ScheduleSpec, origin: Origin = "cli") -> bool:
         """Create or replace the schedule; True if it is new. A replaced schedule keeps its timing and history."""
-        from redbeat.schedulers import RedBeatSchedulerEntry
-
         now = time.time()
         record = self._record(spec.name)
         new = not self._redis.exists(record)
@@ -372,14 +424,14 @@ class ScheduleStore:
         pipe.hsetnx(record, "created_at", now)
         pipe.sadd(self._index(), spec.name)
         pipe.execute()
-        entry = RedBeatSchedulerEntry(
+        entry = BeatEntry(
             name=spec.name, task=SCHEDULED_RUN_TASK, schedule=spec.celery_schedule(), args=[spec.to_args()],
             options={"queue": _runs_queue(self._app), "expires": spec.run_expires_s()},
             app=self._app,
         )
         previous = self._beat_entry(spec.name)
         if previous is not None and previous.last_run_at is not None:
-            entry.last_run_at = previous.last_run_at  # keep its timing: the score beat reads follows from it
+            entry.last_run_at = previous.last_run_at  # keep its timing: save() scores it from last_run_at
         entry.save()
         return new
 
@@ -404,10 +456,8 @@ class ScheduleStore:
 
     def remove(self, name: str) -> bool:
         """Delete the schedule, its run history and its beat entry (not its jobs); False if there was none."""
-        from redbeat.schedulers import RedBeatSchedulerEntry
-
         existed = self.exists(name)
-        RedBeatSchedulerEntry(name=name, app=self._app).delete()
+        BeatEntry(name=name, app=self._app).delete()
         self._redis.delete(self._record(name), self._history(name), self._active(name))
         self._redis.srem(self._index(), name)
         return existed
@@ -417,7 +467,7 @@ class ScheduleStore:
         spec = self.get(name)
         runs = self._redis.hget(self._record(name), "runs")
         entry = self._beat_entry(name)
-        due = entry.due_at if entry is not None else None
+        due = next_run_at(entry.schedule, entry.last_run_at, datetime.now(UTC)) if entry is not None else None
         return ScheduleInfo(spec, self.origin(name), self.last_run(name), int(str(runs or 0)),
                             due.timestamp() if due is not None else None)
 
@@ -432,10 +482,8 @@ class ScheduleStore:
         return found
 
     def _beat_entry(self, name: str) -> Any:
-        from redbeat.schedulers import RedBeatSchedulerEntry
-
         try:
-            return RedBeatSchedulerEntry.from_key(RedBeatSchedulerEntry.generate_key(self._app, name), app=self._app)
+            return BeatEntry.from_key(BeatEntry.generate_key(self._app, name), app=self._app)
         except KeyError:
             return None
 

@@ -14,6 +14,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +40,8 @@ RESULTS = f"blobscore-results/{SERVICE}/"
 # The schedules CLI; `blobscore schedule ...` / `blobscore beat` once mounted on producer.cli.
 CLI = "producer.cli"
 T = TypeVar("T")
+# How much the time a run starts may lag beat's sending it more than the run before lagged (observed: milliseconds).
+PICKUP_JITTER_S = 0.25
 
 
 @dataclass
@@ -99,9 +103,13 @@ def _settings(stack: Stack) -> Settings:
                          service=SERVICE, blob_connection_string=stack.env["BLOBSCORE_BLOB_CONNECTION_STRING"])
 
 
+def _run_cli(stack: Stack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", CLI, *args], env=stack.env, cwd=cwd or stack.workdir,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def _cli(stack: Stack, *args: str, cwd: Path | None = None) -> str:
-    completed = subprocess.run([sys.executable, "-m", CLI, *args], env=stack.env, cwd=cwd or stack.workdir,
-                               capture_output=True, text=True, timeout=60, check=False)
+    completed = _run_cli(stack, *args, cwd=cwd)
     assert completed.returncode == 0, f"{CLI} {' '.join(args)} failed:\n{completed.stderr}"
     return completed.stdout
 
@@ -332,3 +340,77 @@ def test_schedules_survive_restarts_of_beat_and_redis(stack: Stack, blob_service
 def _list(stack: Stack) -> dict[str, Any]:
     parsed: dict[str, Any] = json.loads(_cli(stack, "schedule", "list", "--json"))
     return parsed
+
+
+def _instant(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def test_schedule_list_shows_a_next_run_that_stays_put(stack: Stack, blob_service: BlobServiceClient) -> None:
+    container = _container(blob_service, {"a.jpg": jpeg_bytes(31)})
+    # A cron hour one to two hours ahead: its next run cannot pass while the test lists.
+    cron_hour = (datetime.now(UTC) + timedelta(hours=2)).hour
+    added_after = datetime.now(UTC).replace(microsecond=0)
+    _cli(stack, "schedule", "add", "steady-every", "--container", container, "--service", SERVICE, "--every", "1h")
+    _cli(stack, "schedule", "add", "steady-cron", "--container", container, "--service", SERVICE,
+         "--cron", f"0 {cron_hour} * * *")
+    added_before = datetime.now(UTC)
+    try:
+        seen = []
+        for _ in range(3):
+            listed = _list(stack)
+            seen.append((listed["steady-every"]["next_run_at"], listed["steady-cron"]["next_run_at"]))
+            time.sleep(2.5)
+        assert len(set(seen)) == 1, f"the next run moved between lists: {seen}"
+        every_next, cron_next = (_instant(value) for value in seen[0])
+        # A new schedule first fires one interval after it was added; a cron one at its next matching time.
+        assert added_after + timedelta(hours=1) <= every_next <= added_before + timedelta(hours=1)
+        assert (cron_next.hour, cron_next.minute, cron_next.second) == (cron_hour, 0, 0)
+        assert timedelta(hours=1) <= cron_next - added_after <= timedelta(hours=2)
+    finally:
+        _cli(stack, "schedule", "remove", "steady-every")
+        _cli(stack, "schedule", "remove", "steady-cron")
+
+
+def test_beat_never_fires_a_schedule_early(stack: Stack, blob_service: BlobServiceClient) -> None:
+    container = _container(blob_service, {"a.jpg": jpeg_bytes(41)})
+    period, runs_wanted = 2.0, 5
+    _cli(stack, "schedule", "add", "paced", "--container", container, "--service", SERVICE, "--every", "2s")
+    store = ScheduleStore.from_settings(_settings(stack))
+    log = stack.workdir / "beat-paced.log"
+    beat = _start_beat(stack, log)
+    try:
+        _wait_for(lambda: len(store.history("paced")) >= runs_wanted, period * runs_wanted + 15, "runs of paced")
+    finally:
+        beat.stop()
+    starts = sorted(run.started_at for run in store.history("paced") if run.trigger == "beat")
+    store.close()
+    _cli(stack, "schedule", "remove", "paced")
+    assert len(starts) >= runs_wanted
+    # Beat sends each run at least one period after the one before.
+    sent = _sent_at(log, "paced")
+    assert len(sent) >= runs_wanted
+    assert min(later - earlier for earlier, later in pairwise(sent)) >= period, f"sent at {sent}"
+    # A run starts when a thread of beat's worker takes its message: that hop varies by milliseconds (the first run
+    # also opens the connections), so two starts may be a little closer than the sends were, never by much.
+    gaps = [later - earlier for earlier, later in pairwise(starts)]
+    assert min(gaps) >= period - PICKUP_JITTER_S, f"runs started less than {period} s apart: gaps {gaps}"
+
+
+def _sent_at(log: Path, name: str) -> list[float]:
+    """When beat sent the schedule's runs, from its log lines (millisecond timestamps)."""
+    stamps = re.findall(rf"^(\S+ \S+) INFO celery.beat: Scheduler: Sending due task {re.escape(name)} ",
+                        log.read_text(), flags=re.MULTILINE)
+    return [datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() for stamp in stamps]
+
+
+def test_a_schedule_on_a_container_that_does_not_exist_is_refused(stack: Stack) -> None:
+    missing = f"sched-missing-{uuid.uuid4().hex[:8]}"
+    refused = _run_cli(stack, "schedule", "add", "nowhere", "--container", missing, "--service", SERVICE,
+                       "--every", "1h")
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert f"container {missing} does not exist in storage account devstoreaccount1" in lines[0]
+    assert "nowhere" not in _list(stack)

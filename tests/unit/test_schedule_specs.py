@@ -1,6 +1,7 @@
-"""Schedules, pure parts: interval and cron parsing, spec validation, config tables, which in-flight images to skip."""
+"""Schedules, pure parts: interval and cron parsing, spec validation, config tables, which in-flight images to skip,
+when a schedule runs next."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,16 @@ from celery.schedules import schedule as interval_schedule
 from producer.schedules import (
     CRON_RUN_EXPIRES_S,
     STALE_RUN_S,
+    BeatEntry,
     InvalidScheduleError,
     RunRecord,
     ScheduleSpec,
     check_service,
     make_spec,
+    next_run_at,
     parse_cron,
     parse_every,
+    schedules_app,
     schedules_from_config,
     schedules_queue,
     triage_active,
@@ -181,3 +185,51 @@ def test_a_run_record_round_trips() -> None:
     run = RunRecord("20261126T150102-1a2b3c4d", 1_764_169_262.5, 1_764_169_263.0, 3, 5, 1, "beat")
     assert RunRecord.from_json(run.to_json()) == run
     assert run.to_dict()["started_at"] == "2025-11-26T15:01:02+00:00"
+
+
+# (spec timing, a last run, the next run after it): an interval, an hourly cron, a weekday cron run on a Friday.
+NEXT_RUNS = [
+    ({"every": "1h"}, datetime(2026, 3, 2, 18, 1, 57, 250_000, tzinfo=UTC), datetime(2026, 3, 2, 19, 1, 57, 250_000,
+                                                                                    tzinfo=UTC)),
+    ({"every": "2s"}, datetime(2026, 3, 2, 18, 1, 57, tzinfo=UTC), datetime(2026, 3, 2, 18, 1, 59, tzinfo=UTC)),
+    ({"cron": "0 * * * *"}, datetime(2026, 3, 2, 18, 0, tzinfo=UTC), datetime(2026, 3, 2, 19, 0, tzinfo=UTC)),
+    ({"cron": "30 2 * * 1-5"}, datetime(2026, 3, 6, 2, 30, tzinfo=UTC), datetime(2026, 3, 9, 2, 30, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize(("timing", "last_run_at", "expected"), NEXT_RUNS)
+def test_the_next_run_stays_put_between_runs(timing: dict[str, str], last_run_at: datetime,
+                                              expected: datetime) -> None:
+    schedule = _spec(**timing).celery_schedule()
+    period = expected - last_run_at
+    nows = [last_run_at + period * fraction for fraction in (0, 0.001, 0.1, 0.25, 0.5, 0.9, 0.999)]
+    answers = {now: next_run_at(schedule, last_run_at, now) for now in nows}
+    assert set(answers.values()) == {expected}, answers
+    assert all(answer is not None and answer >= last_run_at + period for answer in answers.values())
+    # The same instants in another zone give the same instant.
+    plus_two = timezone(timedelta(hours=2))
+    assert next_run_at(schedule, last_run_at.astimezone(plus_two), nows[3].astimezone(plus_two)) == expected
+
+
+@pytest.mark.parametrize(("timing", "last_run_at", "expected"), NEXT_RUNS)
+def test_an_overdue_or_never_run_schedule_is_due_now(timing: dict[str, str], last_run_at: datetime,
+                                                     expected: datetime) -> None:
+    schedule = _spec(**timing).celery_schedule()
+    assert next_run_at(schedule, last_run_at, expected) == expected
+    late = expected + timedelta(minutes=7)
+    assert next_run_at(schedule, last_run_at, late) == late
+    assert next_run_at(schedule, None, late) == late
+
+
+def test_the_next_run_needs_an_aware_now() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        next_run_at(_spec(every="1h").celery_schedule(), None, datetime(2026, 3, 2, 18, 0))
+
+
+def test_beat_entries_are_scored_when_they_are_really_due() -> None:
+    app = schedules_app(_settings(queue="bs", namespace="unit"))
+    entry = BeatEntry(name="hourly", task="t", schedule=_spec(every="1h").celery_schedule(), app=app)
+    entry.last_run_at = datetime.now(UTC) - timedelta(minutes=20)
+    expected = entry.last_run_at + timedelta(hours=1)
+    assert entry.due_at == expected
+    assert entry.score == int(expected.timestamp())
