@@ -7,22 +7,12 @@ import time
 
 import redis
 
-from worker.errors import TransientError
+from worker.errors import CircuitOpenError
 
 # Failures are counted in a sliding-ish window: the counter expires this long after the first failure.
 FAILURE_WINDOW_S = 10
 # The local copy of the shared state is refreshed at most this often: one Redis read per process, not per image.
 LOCAL_CACHE_S = 0.5
-
-
-class CircuitOpenError(TransientError):
-    """The scoring service failed repeatedly: nobody calls it until the breaker closes again."""
-
-    def __init__(self, service: str, remaining_s: float, reason: str | None = None) -> None:
-        why = f": {reason}" if reason else ""
-        super().__init__(f"circuit open for service {service!r} for {remaining_s:.1f} s more{why}")
-        self.remaining_s = remaining_s
-        self.reason = reason
 
 
 class CircuitBreaker:

@@ -44,5 +44,11 @@ class ConfigurationError(BlobscoreError):
     """The settings cannot work (wrong key, unknown service, missing route): fix the configuration, not the image."""
 
 
-class SourceChangedError(BlobscoreError):
-    """The source blob's etag no longer matches the listed one: it was replaced after listing."""
+class CircuitOpenError(TransientError):
+    """The scoring service failed repeatedly: nobody calls it until the breaker closes again."""
+
+    def __init__(self, service: str, remaining_s: float, reason: str | None = None) -> None:
+        why = f": {reason}" if reason else ""
+        super().__init__(f"circuit open for service {service!r} for {remaining_s:.1f} s more{why}")
+        self.remaining_s = remaining_s
+        self.reason = reason

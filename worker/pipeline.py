@@ -24,6 +24,7 @@ from worker.results import (
     result_location,
     result_metadata,
 )
+from worker.retry import GiveUp
 from worker.storage import BlobStore, ResultConflictError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ Status = Literal["ok", "rejected"]
 
 
 class Predictor(Protocol):
-    """Anything that scores one image: the gRPC scorer, or a fake in unit tests."""
+    """Anything that scores one image: the gRPC scorer, or a fake in unit tests (tests/unit/test_pipeline.py)."""
 
     def predict(self, image: bytes) -> dict[str, npt.NDArray[np.float32]]:
         """The output tensors for one image."""
@@ -87,45 +88,61 @@ def process_image(task: ImageTask, deps: Dependencies, *, check_first: bool = Tr
     if check_first:
         existing, result_etag = deps.store.existing_result(task.results_container, name)
         if existing is not None and is_current(existing, task.etag):
-            return _already_done(task, deps, existing, name)
+            return _already_done(task, deps.jobs, existing, name)
     doc = score_to_result(task, deps)
     if existing is not None and is_current(existing, doc.source.etag):
-        return _already_done(task, deps, existing, name)
-    return _write_once(task, deps, doc, name, result_etag)
+        return _already_done(task, deps.jobs, existing, name)
+    return write_once(task, deps.store, deps.jobs, doc, name, result_etag)
 
 
 def _reject_unaddressable(task: ImageTask, deps: Dependencies, name: str, reason: str) -> ImageOutcome:
     source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
     error = PermanentError(RejectionCode.UNADDRESSABLE_NAME, f"no result can be written for this name: {reason}")
     log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
-    return _write_once(task, deps, rejected_result(task, source, deps.profile.name, error, {}), name, None)
+    return write_once(task, deps.store, deps.jobs, rejected_result(task, source, deps.profile.name, error, {}), name,
+                      None)
 
 
-def _write_once(
-    task: ImageTask, deps: Dependencies, doc: ResultDoc, name: str, result_etag: str | None
+def give_up(task: ImageTask, store: BlobStore, jobs: JobStore, model: str, decision: GiveUp) -> ImageOutcome:
+    """Record an image we stop trying as `rejected` through the one write path (a later job tries it again).
+
+    A result already answering for this source version (written by a delivery that got further) is kept.
+    """
+    name, _ = result_location(task.results_prefix, task.blob)
+    existing, result_etag = store.existing_result(task.results_container, name)
+    if existing is not None and existing.source_etag == task.etag:
+        return _already_done(task, jobs, existing, name)
+    source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
+    doc = rejected_result(task, source, model, PermanentError(decision.code, decision.message), {})
+    return write_once(task, store, jobs, doc, name, result_etag)
+
+
+def write_once(
+    task: ImageTask, store: BlobStore, jobs: JobStore, doc: ResultDoc, name: str, result_etag: str | None
 ) -> ImageOutcome:
-    """Create the result (or replace exactly the stale version read), recognising a write that beat ours."""
+    """The one way a result is written: create it (or replace exactly the stale version read), recognising a write
+    that beat ours, then count the image's outcome once."""
     body, metadata = doc.to_json(), result_metadata(doc)
     try:
-        deps.store.write_result(task.results_container, name, body, metadata, replaces_etag=result_etag)
+        store.write_result(task.results_container, name, body, metadata, replaces_etag=result_etag)
     except ResultConflictError:
         # Another delivery (or a lost reply of our own upload) wrote first, or a result of an older version.
-        winner, winner_etag = deps.store.existing_result(task.results_container, name)
+        winner, winner_etag = store.existing_result(task.results_container, name)
         if winner is not None and is_current(winner, doc.source.etag):
-            return _already_done(task, deps, winner, name)
+            return _already_done(task, jobs, winner, name)
         if result_etag is not None or winner_etag is None or winner is None:
             raise
-        current_source = deps.store.source_etag(task.container, task.blob)
+        current_source = store.source_etag(task.container, task.blob)
         # A stored result of this very version that is not current is a retryable rejection (retries_exhausted,
         # internal_error) an earlier job gave up with: this job scored the image, so it is replaced below.
         if winner.source_etag != doc.source.etag and current_source == winner.source_etag:
             # The stored result describes the source as it is now (it changed after our download): keep it.
-            return _already_done(task, deps, winner, name)
+            return _already_done(task, jobs, winner, name)
         if current_source != doc.source.etag:
             raise ResultConflictError(f"{task.blob} changed again while it was scored") from None
         # A result of an older source version: replace exactly the version just read.
-        deps.store.write_result(task.results_container, name, body, metadata, replaces_etag=winner_etag)
-    deps.jobs.record_outcome(task.job_id, task.index, task.blob, doc.status)
+        store.write_result(task.results_container, name, body, metadata, replaces_etag=winner_etag)
+    jobs.record_outcome(task.job_id, task.index, task.blob, doc.status)
     return ImageOutcome(doc.status, written=True, result_blob=name)
 
 
@@ -172,9 +189,9 @@ def score_bytes(
     return doc.model_copy(update={"resized": ResizeDoc(original=list(shrunk.original), sent=list(shrunk.size))})
 
 
-def _already_done(task: ImageTask, deps: Dependencies, existing: ExistingResult, name: str) -> ImageOutcome:
+def _already_done(task: ImageTask, jobs: JobStore, existing: ExistingResult, name: str) -> ImageOutcome:
     status: Status = "ok" if existing.status == "ok" else "rejected"
-    deps.jobs.record_outcome(task.job_id, task.index, task.blob, status)
+    jobs.record_outcome(task.job_id, task.index, task.blob, status)
     return ImageOutcome(status, written=False, result_blob=name)
 
 

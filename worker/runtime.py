@@ -13,11 +13,11 @@ from worker.breaker import CircuitBreaker
 from worker.jobs import JobStore
 from worker.models.postprocess import PostprocessOptions
 from worker.pipeline import Dependencies, Limits
+from worker.redis_client import open_redis
+from worker.retry import RetryPolicy
 from worker.scoring import Scorer
 from worker.settings import Settings
 from worker.storage import BlobStore
-
-REDIS_SOCKET_TIMEOUT_S = 10
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -25,6 +25,11 @@ def limits_from(settings: Settings) -> Limits:
     options = PostprocessOptions(top_k=settings.top_k, detection_threshold=settings.detection_threshold)
     return Limits(settings.max_image_bytes, settings.max_image_pixels, options, settings.shrink_short_side,
                   full_decode=settings.image_check == "decode")
+
+
+def policy_from(settings: Settings) -> RetryPolicy:
+    """The retry policy's numbers from the settings."""
+    return RetryPolicy(settings.max_transient_retries, settings.retry_backoff_max_s, settings.max_crash_attempts)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class WorkerResources:
     redis: redis.Redis
     _services: dict[str, ServiceResources] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy of these settings."""
+        return policy_from(self.settings)
 
     def for_service(self, name: str) -> ServiceResources:
         """The scorer and breaker of service `name` (ConfigurationError for a service this worker does not know)."""
@@ -78,10 +88,7 @@ class WorkerResources:
 
 def build_resources(settings: Settings) -> WorkerResources:
     """Open the process-wide adapters; scoring channels open per service on first use."""
-    client = redis.Redis.from_url(
-        settings.jobs_url, decode_responses=True, health_check_interval=30,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
-    )
+    client = open_redis(settings.jobs_url)
     store = BlobStore.from_settings(settings)
     prefix = settings.key_prefix
     return WorkerResources(settings, store, JobStore(client, prefix), AttemptCounter(client, prefix), client)

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 from pydantic import ValidationError
 
-from worker.breaker import CircuitOpenError
-from worker.contracts import TASK_NAME, ImageTask, SourceRef
+from worker.contracts import TASK_NAME, ImageTask
 from worker.deployment import Deployment
-from worker.errors import ConfigurationError, PermanentError, RejectionCode
-from worker.pipeline import process_image
+from worker.errors import CircuitOpenError, ConfigurationError, RejectionCode
+from worker.pipeline import give_up, process_image
 from worker.presence import Presence
-from worker.results import rejected_result, result_location, result_metadata
-from worker.retry import backoff_delay, failed_attempts, should_retry
-from worker.runtime import ProcessResources, WorkerResources
+from worker.retry import POISON_PILL_MESSAGE, GiveUp, backoff_delay, decide, is_poison_pill
+from worker.runtime import ProcessResources, ServiceResources, WorkerResources
 from worker.scoring import ScoringConfigurationError, ScoringUnavailableError
 from worker.services import queue_name
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-# An unexpected exception is probably a bug, not an outage: a few retries, then a clear error record.
-MAX_UNEXPECTED_RETRIES = 3
 # Where a task of another account goes when its own namespace is ours (two deployments configured with one
 # namespace): a queue no worker consumes, so it waits there, untouched, instead of bouncing between workers.
 MISROUTED_SUFFIX = ".misrouted"
@@ -115,13 +110,13 @@ def _guarded(
     """
     if not is_repeat_delivery(task_self):
         return _run(task_self, task, worker, settings, breaker_waits)
-    if worker.attempts.started(task.job_id, task.blob) > settings.max_crash_attempts:
+    if is_poison_pill(worker.attempts.started(task.job_id, task.blob), worker.policy):
         log.error("poison pill %s/%s: its task never finished %d times", task.container, task.blob,
                   settings.max_crash_attempts)
-        status = _finish_with_error(task, worker, RejectionCode.TOO_MANY_ATTEMPTS,
-                                    "scoring this image crashed or hung the worker on every attempt")
+        outcome = give_up(task, worker.store, worker.jobs, _model_of(settings, task.service),
+                          GiveUp(RejectionCode.TOO_MANY_ATTEMPTS, POISON_PILL_MESSAGE))
         worker.attempts.finished(task.job_id, task.blob)
-        return status
+        return outcome.status
     try:
         return _run(task_self, task, worker, settings, breaker_waits)
     finally:
@@ -129,37 +124,37 @@ def _guarded(
 
 
 def _run(task_self: Task, task: ImageTask, worker: WorkerResources, settings: Settings, breaker_waits: int) -> str:
-    attempt = failed_attempts(int(task_self.request.retries), breaker_waits)
+    service: ServiceResources | None = None
     try:
         service = worker.for_service(task.service)
         service.breaker.check()
         status = process_image(task, service.deps, check_first=is_repeat_delivery(task_self)).status
-    except CircuitOpenError as exc:
-        # Not a failed attempt of this image: wait out the breaker, spread so the queue does not stampede.
+    except Exception as exc:
+        if service is not None:
+            _feed_breaker(service, exc)
+        decision = decide(exc, int(task_self.request.retries), breaker_waits, worker.policy)
+        if isinstance(decision, GiveUp):
+            log.error("giving up on %s/%s: %s", task.container, task.blob, decision.message)
+            return give_up(task, worker.store, worker.jobs, _model_of(settings, task.service), decision).status
+        log.warning("retrying %s/%s in %.1f s: %s", task.container, task.blob, decision.countdown_s, exc)
         worker.jobs.record_retry(task.job_id, task.blob)
         _note_error(worker, task, exc)
         raise task_self.retry(
-            exc=exc, countdown=exc.remaining_s + random.uniform(0, exc.remaining_s),
-            kwargs={"breaker_waits": breaker_waits + 1},
+            exc=exc, countdown=decision.countdown_s,
+            kwargs={"breaker_waits": breaker_waits + int(decision.breaker_wait)},
         ) from exc
-    except Exception as exc:
-        if isinstance(exc, ScoringUnavailableError):
-            service.breaker.record_failure()
-        elif isinstance(exc, ScoringConfigurationError):
-            # A refused key or route (rotated since start-up): no call can succeed, so everyone waits on the
-            # breaker, which shows why, instead of each image spending its retries.
-            service.breaker.open_for(str(exc))
-        limit = settings.max_transient_retries if should_retry(exc) else MAX_UNEXPECTED_RETRIES
-        if attempt >= limit:
-            code = RejectionCode.RETRIES_EXHAUSTED if should_retry(exc) else RejectionCode.INTERNAL_ERROR
-            log.error("giving up on %s/%s after %d attempts: %s", task.container, task.blob, attempt + 1, exc)
-            return _finish_with_error(task, worker, code, f"gave up after {attempt + 1} attempts: {exc}")
-        log.warning("retrying %s/%s (attempt %d): %s", task.container, task.blob, attempt + 1, exc)
-        worker.jobs.record_retry(task.job_id, task.blob)
-        _note_error(worker, task, exc)
-        raise task_self.retry(exc=exc, countdown=backoff_delay(attempt, settings.retry_backoff_max_s)) from exc
     service.breaker.record_success()
     return status
+
+
+def _feed_breaker(service: ServiceResources, exc: BaseException) -> None:
+    """Outages count towards opening the service's breaker; a refused key or route opens it at once."""
+    if isinstance(exc, ScoringUnavailableError):
+        service.breaker.record_failure()
+    elif isinstance(exc, ScoringConfigurationError):
+        # A refused key or route (rotated since start-up): no call can succeed, so everyone waits on the
+        # breaker, which shows why, instead of each image spending its retries.
+        service.breaker.open_for(str(exc))
 
 
 def error_reason(exc: BaseException) -> str:
@@ -175,21 +170,6 @@ def _note_error(worker: WorkerResources, task: ImageTask, exc: BaseException) ->
     message = (exc.reason or str(exc)) if isinstance(exc, CircuitOpenError) else str(exc)
     with contextlib.suppress(Exception):  # a note is not worth failing the retry for
         worker.jobs.record_error(task.job_id, error_reason(exc), task.service, message)
-
-
-def _finish_with_error(task: ImageTask, worker: WorkerResources, code: RejectionCode, message: str) -> str:
-    """Record an image we stop trying as `rejected` (a later run tries it again): never a silent drop."""
-    name, _ = result_location(task.results_prefix, task.blob)
-    existing, etag = worker.store.existing_result(task.results_container, name)
-    if existing is None or existing.source_etag != task.etag:
-        source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
-        model = _model_of(worker.settings, task.service)
-        doc = rejected_result(task, source, model, PermanentError(code, message), {})
-        worker.store.write_result(task.results_container, name, doc.to_json(), result_metadata(doc), etag)
-        worker.jobs.record_outcome(task.job_id, task.index, task.blob, "rejected")
-    else:
-        worker.jobs.record_outcome(task.job_id, task.index, task.blob, "ok" if existing.status == "ok" else "rejected")
-    return "rejected"
 
 
 def _model_of(settings: Settings, service: str) -> str:
