@@ -15,6 +15,7 @@ import redis
 
 from worker.deployment import AccountRef, Deployment
 from worker.errors import BlobscoreError, TransientError
+from worker.redis_client import open_redis
 from worker.settings import Settings
 
 Outcome = Literal["ok", "rejected"]
@@ -140,7 +141,7 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str, key_prefix: str) -> JobStore:
         """A store over its own connection pool."""
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), key_prefix)
+        return cls(open_redis(url), key_prefix)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:

@@ -18,12 +18,11 @@ from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port, po
 from deploy.local.redis_local import RedisUnavailableError, ensure_redis, redis_answers
 from worker.deployment import account_from_connection_string
 from worker.errors import BlobscoreError
-from worker.settings import DEFAULT_BROKER_URL, load_settings
+from worker.settings import STACK_FILE, load_settings
 
 PieceName = Literal["redis", "azurite", "standin", "worker"]
 PIECES: tuple[PieceName, ...] = ("redis", "azurite", "standin", "worker")
 
-STATE_DIR = ".blobscore"
 AZURITE_PORT = 10000
 LOCAL_HOST = "127.0.0.1"
 STANDIN_MODEL = "resnet50"
@@ -125,8 +124,8 @@ class StackPaths:
     def __init__(self, workdir: Path) -> None:
         """Paths under `<workdir>/.blobscore/`."""
         self.workdir = workdir.resolve()
-        self.root = self.workdir / STATE_DIR
-        self.state_file = self.root / "stack.json"
+        self.state_file = self.workdir / STACK_FILE  # the file the settings loader reads
+        self.root = self.state_file.parent
         self.lock_file = self.root / "stack.lock"
         self.key_file = self.root / "standin.key"
         self.logs = self.root / "logs"
@@ -150,7 +149,7 @@ def up(workdir: Path, pieces: Iterable[PieceName] = PIECES, broker_url: str | No
         raise StackError(f"unknown stack pieces {sorted(unknown)}; choose from {list(PIECES)}")
     paths = StackPaths(workdir)
     with _locked(paths):
-        state = _load(paths) or StackState(settings=StackSettings(broker_url=_default_broker_url()))
+        state = _load(paths) or StackState(settings=StackSettings(broker_url=_default_broker_url(paths.workdir)))
         _switch_broker(state, broker_url)
         for name in PIECES:
             if name in wanted and not _piece_alive(state.piece(name), state.settings):
@@ -205,8 +204,9 @@ def _namespace(paths: StackPaths) -> str | None:
         return None  # no Azurite started yet, or settings that do not load: `stack status` still reports
 
 
-def _default_broker_url() -> str:
-    return os.environ.get("BLOBSCORE_BROKER_URL") or DEFAULT_BROKER_URL
+def _default_broker_url(workdir: Path) -> str:
+    # Through the one settings loader: $BLOBSCORE_BROKER_URL, the config file, or the default.
+    return load_settings(workdir=workdir).broker_url
 
 
 def _switch_broker(state: StackState, broker_url: str | None) -> None:

@@ -1,0 +1,19 @@
+"""The one way blobscore opens Redis: one set of timeouts, health checks and decoding for every client."""
+
+from __future__ import annotations
+
+import redis
+
+# A Redis that does not answer within these is treated as down (our TransientError), never waited on forever.
+SOCKET_TIMEOUT_S = 10
+CONNECT_TIMEOUT_S = 5
+# Connections idle longer than this are checked before use: a restarted Redis is noticed on the next command.
+HEALTH_CHECK_INTERVAL_S = 30
+
+
+def open_redis(url: str) -> redis.Redis:
+    """A client with its own connection pool; replies decoded to str (binary values: NEVER_DECODE per command)."""
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+    )
