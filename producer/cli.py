@@ -19,7 +19,7 @@ from producer.diagnosis import diagnose
 from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
-from producer.schedule_cli import mount as mount_schedules
+from producer.scheduling.cli import mount as mount_schedules
 from worker.errors import BlobscoreError, ConfigurationError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings

@@ -7,15 +7,14 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import redis
 
 from worker.deployment import AccountRef, Deployment
-from worker.errors import BlobscoreError, TransientError
-from worker.redis_client import open_redis
+from worker.errors import BlobscoreError
+from worker.redis_client import open_redis, translated
 from worker.settings import Settings
 
 Outcome = Literal["ok", "rejected"]
@@ -97,18 +96,6 @@ class UnknownJobError(BlobscoreError):
     """No job with that id."""
 
 
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    try:
-        yield
-    except redis.ConnectionError as exc:
-        raise TransientError(f"{what}: Redis unreachable") from exc
-    except redis.TimeoutError as exc:
-        raise TransientError(f"{what}: Redis timed out") from exc
-    except redis.RedisError as exc:
-        raise BlobscoreError(f"{what}: {exc}") from exc
-
-
 def new_job_id() -> str:
     """A sortable, unique job id: creation time then randomness."""
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -160,7 +147,7 @@ class JobStore:
     def create(self, spec: JobSpec, origin: Deployment, job_id: str | None = None) -> str:
         """Record a new job of deployment `origin` in the `listing` state and return its id."""
         job_id = job_id or new_job_id()
-        with _translated(f"create job {job_id}"):
+        with translated(f"create job {job_id}"):
             self._redis.hset(
                 self._key(job_id),
                 mapping={
@@ -200,7 +187,7 @@ class JobStore:
 
     def record_page(self, job_id: str, page: int, first_index: int, names: list[str]) -> None:
         """Store a page of names at its indices and count them as listed — before its tasks are published."""
-        with _translated(f"record page {page} of job {job_id}"):
+        with translated(f"record page {page} of job {job_id}"):
             self._record_page(
                 keys=[self._key(job_id), self._key(job_id, f"page:{page}:{first_index}")],
                 args=[first_index + len(names), page + 1, pack_names(names)],
@@ -208,7 +195,7 @@ class JobStore:
 
     def advance(self, job_id: str, continuation: str | None, next_index: int, next_page: int) -> None:
         """The pages so far are published: a resumed listing continues after them."""
-        with _translated(f"advance job {job_id}"):
+        with translated(f"advance job {job_id}"):
             self._redis.hset(
                 self._key(job_id),
                 mapping={"continuation": continuation or "", "next_index": next_index, "next_page": next_page},
@@ -216,12 +203,12 @@ class JobStore:
 
     def finish_listing(self, job_id: str) -> None:
         """Mark the listing complete: from now on the job can become `done`."""
-        with _translated(f"finish listing of job {job_id}"):
+        with translated(f"finish listing of job {job_id}"):
             self._redis.hset(self._key(job_id), "listing_done", 1)
 
     def record_outcome(self, job_id: str, index: int, blob: str, outcome: Outcome) -> None:
         """Count the image's final outcome once, however often it is recorded."""
-        with _translated(f"record outcome in job {job_id}"):
+        with translated(f"record outcome in job {job_id}"):
             self._record_outcome(
                 keys=[self._key(job_id, outcome), self._key(job_id, _other(outcome)), self._key(job_id),
                       self._key(job_id, "retrying")],
@@ -230,13 +217,13 @@ class JobStore:
 
     def record_retry(self, job_id: str, blob: str) -> None:
         """Mark the image as waiting on a retry (a small set: only images in trouble are in it)."""
-        with _translated(f"record retry in job {job_id}"):
+        with translated(f"record retry in job {job_id}"):
             self._redis.sadd(self._key(job_id, "retrying"), blob)
 
     def record_error(self, job_id: str, reason: str, service: str, message: str) -> None:
         """Note an error that holds an image back (one small hash per job: a field set per kind of error)."""
         key, now = self._key(job_id, "errors"), time.time()
-        with _translated(f"record error in job {job_id}"):
+        with translated(f"record error in job {job_id}"):
             pipe = self._redis.pipeline(transaction=False)
             pipe.hincrby(key, f"{reason}:count", 1)
             pipe.hsetnx(key, f"{reason}:first", now)
@@ -246,7 +233,7 @@ class JobStore:
 
     def errors(self, job_id: str) -> list[JobError]:
         """The errors that held the job's images back, most recent first."""
-        with _translated(f"read errors of job {job_id}"):
+        with translated(f"read errors of job {job_id}"):
             fields: dict[str, str] = self._redis.hgetall(self._key(job_id, "errors"))  # type: ignore[assignment]
         reasons = {name.rsplit(":", 1)[0] for name in fields}
         found = [
@@ -260,7 +247,7 @@ class JobStore:
     def status(self, job_id: str) -> JobStatus:
         """The job's counts and state."""
         record = self._record(job_id)
-        with _translated(f"status of job {job_id}"):
+        with translated(f"status of job {job_id}"):
             retrying = int(self._redis.scard(self._key(job_id, "retrying")))
         listed, ok, rejected = (int(record.get(field, 0)) for field in ("listed", "ok", "rejected"))
         finished = ok + rejected
@@ -273,14 +260,14 @@ class JobStore:
 
     def finished_count(self, job_id: str) -> int:
         """ok + rejected: how much of the window the workers have drained."""
-        with _translated(f"read job {job_id}"):
+        with translated(f"read job {job_id}"):
             ok, rejected = self._redis.hmget(self._key(job_id), ["ok", "rejected"])
         return int(ok or 0) + int(rejected or 0)
 
     def listed_pages(self, job_id: str) -> Iterator[tuple[int, list[str]]]:
         """(first index, names) of every recorded listing page."""
         pattern = self._key(job_id, "page:*")
-        with _translated(f"read pages of job {job_id}"):
+        with translated(f"read pages of job {job_id}"):
             keys = sorted(self._redis.scan_iter(match=pattern, count=1000), key=_page_order)
             for key in keys:
                 packed = self._get_bytes(key)
@@ -289,7 +276,7 @@ class JobStore:
 
     def outcome_bits(self, job_id: str, outcome: Outcome) -> bytes:
         """The job's bitmap of images counted with `outcome` (bit i = image index i)."""
-        with _translated(f"read job {job_id}"):
+        with translated(f"read job {job_id}"):
             return self._get_bytes(self._key(job_id, outcome))
 
     def _get_bytes(self, key: str) -> bytes:
@@ -300,7 +287,7 @@ class JobStore:
     def members(self, job_id: str, part: Part) -> Iterator[str]:
         """The blob names listed, counted ok, counted rejected, or waiting on a retry."""
         if part == "retrying":
-            with _translated(f"read job {job_id}"):
+            with translated(f"read job {job_id}"):
                 yield from self._redis.sscan_iter(self._key(job_id, "retrying"), count=1000)
             return
         bits = None if part == "listed" else self.outcome_bits(job_id, part)
@@ -313,7 +300,7 @@ class JobStore:
         return f"{self._prefix}{job_id}" if part is None else f"{self._prefix}{job_id}:{part}"
 
     def _record(self, job_id: str) -> dict[str, str]:
-        with _translated(f"read job {job_id}"):
+        with translated(f"read job {job_id}"):
             record: dict[str, str] = self._redis.hgetall(self._key(job_id))  # type: ignore[assignment]
         if not record:
             raise UnknownJobError(self._not_here(job_id))
@@ -322,7 +309,7 @@ class JobStore:
     def _not_here(self, job_id: str) -> str:
         """Why a job is unknown: never created, or created by another deployment sharing this Redis."""
         here = self._prefix.removesuffix("job:").rstrip(":")
-        with _translated(f"look for job {job_id}"):
+        with translated(f"look for job {job_id}"):
             for key in self._redis.scan_iter(match=f"*:job:{job_id}", count=1000):
                 other: list[str | None] = self._redis.hmget(key, ["namespace", "account", "endpoint"])  # type: ignore[assignment]
                 namespace, account, endpoint = (value or "?" for value in other)

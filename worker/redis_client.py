@@ -1,8 +1,13 @@
-"""The one way blobscore opens Redis: one set of timeouts, health checks and decoding for every client."""
+"""The one way blobscore opens Redis (one set of timeouts and decoding) and turns its errors into ours."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import redis
+
+from worker.errors import BlobscoreError, TransientError
 
 # A Redis that does not answer within these is treated as down (our TransientError), never waited on forever.
 SOCKET_TIMEOUT_S = 10
@@ -17,3 +22,16 @@ def open_redis(url: str) -> redis.Redis:
         url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )
+
+
+@contextmanager
+def translated(what: str) -> Iterator[None]:
+    """Redis errors as ours, with what failed: unreachable or slow is transient, anything else says what happened."""
+    try:
+        yield
+    except redis.ConnectionError as exc:
+        raise TransientError(f"{what}: Redis unreachable") from exc
+    except redis.TimeoutError as exc:
+        raise TransientError(f"{what}: Redis timed out") from exc
+    except redis.RedisError as exc:
+        raise BlobscoreError(f"{what}: {exc}") from exc

@@ -27,8 +27,10 @@ from shared_helpers import jpeg_bytes
 
 from deploy.local.procs import ManagedProcess, free_port
 from deploy.local.redis_local import start_redis
-from producer.scheduled_run import RunResources, run_now
-from producer.schedules import RunRecord, ScheduleStore, make_spec, schedules_app
+from producer.scheduling.app import schedules_app
+from producer.scheduling.run import RunResources, run_now
+from producer.scheduling.spec import make_spec
+from producer.scheduling.store import RunRecord, ScheduleStore
 from worker.jobs import JobStore
 from worker.settings import Settings, load_settings
 

@@ -8,24 +8,20 @@ import pytest
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
 
-from producer.schedules import (
+from producer.scheduling.app import BeatEntry, schedules_app, schedules_queue
+from producer.scheduling.config import schedules_from_config
+from producer.scheduling.run import STALE_RUN_S, triage_active, unfinished_images
+from producer.scheduling.spec import (
     CRON_RUN_EXPIRES_S,
-    STALE_RUN_S,
-    BeatEntry,
     InvalidScheduleError,
-    RunRecord,
     ScheduleSpec,
     check_service,
     make_spec,
     next_run_at,
     parse_cron,
     parse_every,
-    schedules_app,
-    schedules_from_config,
-    schedules_queue,
-    triage_active,
-    unfinished_images,
 )
+from producer.scheduling.store import RunRecord
 from worker.errors import ConfigurationError
 from worker.services import ServiceConfig
 from worker.settings import Settings

@@ -1,33 +1,45 @@
-"""`blobscore schedule add|list|remove|run` and `blobscore beat`.
-
-Mounted on the `blobscore` command by `mount(app)`.
-"""
+"""`blobscore schedule add|list|remove|run` and `blobscore beat`, mounted on the `blobscore` command by `mount(app)`."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from worker.settings import CONFIG_FILE, Settings, load_settings
+from worker.errors import BlobscoreError
+from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from producer.scheduling.spec import ScheduleSpec
+    from worker.deployment import AccountRef
+    from worker.storage import BlobStore
 
 schedule_app = typer.Typer(help="Score new images on a timetable: schedules kept in Redis, fired by `blobscore beat`.",
                            no_args_is_help=True)
 console = Console(stderr=True)
 
 
+class UnknownContainerError(BlobscoreError):
+    """The schedule's container does not exist in the storage account."""
+
+
+def check_container(spec: ScheduleSpec, store: BlobStore, account: AccountRef) -> None:
+    """UnknownContainerError unless the spec's container exists in the storage account (lists one blob at most)."""
+    from worker.storage import BlobNotFoundError
+
+    try:
+        next(store.list_pages(spec.container, spec.prefix, None, 1), None)
+    except BlobNotFoundError as exc:  # a listing is "not found" only when its container is
+        raise UnknownContainerError(
+            f"container {spec.container} does not exist in storage account {account}: check --container, or create "
+            "the container first"
+        ) from exc
+
+
 def _settings() -> Settings:
     return load_settings()
-
-
-def config_path() -> Path:
-    """The config file the settings read: $BLOBSCORE_CONFIG, else ./blobscore.toml."""
-    value = os.environ.get("BLOBSCORE_CONFIG")
-    return Path(value) if value else Path.cwd() / CONFIG_FILE
 
 
 def _print_json(value: object) -> None:
@@ -47,7 +59,8 @@ def add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the schedule as one JSON object.")] = False,
 ) -> None:
     """Create or replace a schedule: score the new and changed images under CONTAINER/PREFIX on a timetable."""
-    from producer.schedules import ScheduleStore, check_container, check_service, make_spec
+    from producer.scheduling.spec import check_service, make_spec
+    from producer.scheduling.store import ScheduleStore
     from worker.storage import BlobStore
 
     if (cron is None) == (every is None):
@@ -79,7 +92,7 @@ def list_schedules(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: name -> schedule.")] = False,
 ) -> None:
     """Every schedule with its last run (time, job id, counts) and its next run."""
-    from producer.schedules import ScheduleStore
+    from producer.scheduling.store import ScheduleStore
 
     store = ScheduleStore.from_settings(_settings())
     try:
@@ -101,7 +114,7 @@ def list_schedules(
 @schedule_app.command("remove")
 def remove(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
     """Delete a schedule (its jobs and results stay). A config-file schedule comes back when beat restarts."""
-    from producer.schedules import ScheduleStore, UnknownScheduleError
+    from producer.scheduling.store import ScheduleStore, UnknownScheduleError
 
     store = ScheduleStore.from_settings(_settings())
     try:
@@ -121,8 +134,8 @@ def run(
 
     Exits 1, queueing nothing, if another run of the schedule is in progress.
     """
-    from producer.scheduled_run import RunResources, run_now
-    from producer.schedules import schedules_app
+    from producer.scheduling.app import schedules_app
+    from producer.scheduling.run import RunResources, run_now
 
     settings = _settings()
     resources = RunResources(settings, schedules_app(settings))
@@ -149,8 +162,8 @@ def beat_command(
 ) -> None:
     """Fire the schedules kept in Redis (celery beat with redbeat) and execute their runs; syncs the config file's
     \\[schedules.NAME] tables first. Run several for availability: one fires, the others stand by."""
-    from producer.beat import run_beat
-    from producer.schedules import schedules_from_config
+    from producer.scheduling.beat import run_beat
+    from producer.scheduling.config import config_path, schedules_from_config
 
     run_beat(_settings(), schedules_from_config(config_path()), concurrency)
 
@@ -159,4 +172,3 @@ def mount(app: typer.Typer) -> None:
     """Add `schedule ...` and `beat` to a typer app (the `blobscore` command)."""
     app.add_typer(schedule_app, name="schedule")
     app.command("beat")(beat_command)
-

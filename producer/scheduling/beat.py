@@ -1,17 +1,4 @@
-"""`blobscore beat`: celery beat with redbeat's scheduler, plus the consumer that executes the scheduled runs.
-
-One process: a Celery worker (thread pool) consuming the schedules queue (`<queue>:schedules`) runs
-`blobscore.scheduled_run`, and a beat thread (celery.beat.Service with `LockedRedBeatScheduler`) fires the schedules
-kept in Redis. Start as many `blobscore beat` processes as you like: redbeat's lock in Redis lets one of them fire,
-the others stand by (checking the lock every loop) and take over within `BEAT_LOCK_TIMEOUT_S` of the holder dying,
-at once when it stops cleanly (it releases the lock). Every one of them executes runs; a run is serialized per
-schedule by its own lock anyway.
-
-`LockedRedBeatScheduler` is redbeat's scheduler with the lock taken inside the beat loop, without blocking, instead of
-in redbeat's `beat_init` handler (which blocks until it gets the lock, so a standby beat could never be stopped
-cleanly), and with Redis outages survived: a tick that cannot reach Redis waits for the next loop, and a lock lost
-meanwhile (expired, taken by another beat) sends this beat back to standby instead of ending its loop.
-"""
+"""`blobscore beat`: redbeat's scheduler, locked so one beat fires, beside the worker that executes the runs."""
 
 from __future__ import annotations
 
@@ -27,17 +14,10 @@ from celery.beat import Service
 from celery.signals import beat_init, worker_ready, worker_shutdown, worker_shutting_down
 from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, RedBeatScheduler, acquire_distributed_beat_lock, get_redis
 
-from producer.scheduled_run import register_scheduled_run
-from producer.schedules import (
-    BEAT_MAX_LOOP_INTERVAL_S,
-    BeatEntry,
-    ScheduleSpec,
-    ScheduleStore,
-    SyncReport,
-    check_service,
-    schedules_app,
-    schedules_queue,
-)
+from producer.scheduling.app import BEAT_MAX_LOOP_INTERVAL_S, BeatEntry, schedules_app, schedules_queue
+from producer.scheduling.run import register_scheduled_run
+from producer.scheduling.spec import ScheduleSpec, check_service
+from producer.scheduling.store import ScheduleStore, SyncReport
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +26,13 @@ STOP_WAIT_S = 5.0
 
 
 class LockedRedBeatScheduler(RedBeatScheduler):  # type: ignore[misc]
-    """redbeat's scheduler taking its lock in the loop (never blocking) and riding out Redis outages."""
+    """redbeat's scheduler taking its lock in the loop (never blocking) and riding out Redis outages.
+
+    redbeat takes the lock in its `beat_init` handler, which blocks until it gets it, so a standby beat could never be
+    stopped cleanly: here the loop tries it without blocking. A tick that cannot reach Redis waits for the next loop,
+    and a lock lost meanwhile (expired, taken by another beat) sends this beat back to standby instead of ending its
+    loop.
+    """
 
     # Entries scored by when they are really due (redbeat's own due_at drifts earlier; see next_run_at).
     Entry = BeatEntry
@@ -141,7 +127,14 @@ def beat_worker_argv(settings: Settings, concurrency: int) -> list[str]:
 
 def run_beat(settings: Settings, config_schedules: Mapping[str, ScheduleSpec] | None = None,
              concurrency: int = 2) -> None:
-    """Sync the config file's schedules, then fire schedules and execute runs in this process until stopped."""
+    """Sync the config file's schedules, then fire schedules and execute runs in this process until stopped.
+
+    One process: a Celery worker (thread pool) consuming the schedules queue runs `blobscore.scheduled_run`, and a
+    beat thread (celery.beat.Service with `LockedRedBeatScheduler`) fires the schedules kept in Redis. Start as many
+    as you like: redbeat's lock in Redis lets one of them fire, the others stand by (checking the lock every loop)
+    and take over within `BEAT_LOCK_TIMEOUT_S` of the holder dying, at once when it stops cleanly (it releases the
+    lock). Every one of them executes runs; a run is serialized per schedule by its own lock anyway.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)
     app = schedules_app(settings)

@@ -1,19 +1,11 @@
-"""One run of a schedule: an incremental enqueue, a job of its own, nothing queued twice.
-
-A run lists the schedule's container/prefix and queues only the images with no current result (new blobs, or blobs
-whose etag changed), from one listing of the results prefix (`producer.enqueue`). Each run creates a job (visible with
-`blobscore status`) and records it as the schedule's last job. Images a previous run of the same schedule queued and
-that have no outcome yet are excluded, so a run that starts while earlier ones are still going never queues the
-same image twice; a Redis lock per schedule keeps two runs of one schedule (two beats, beat and `schedule run`) from
-listing at the same time.
-"""
+"""One run of a schedule: an incremental enqueue as a job of its own, never queueing an image still in flight."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +13,17 @@ from celery import Celery
 
 from producer.enqueue import EnqueueOptions, Publish, enqueue
 from producer.publishing import TaskPublisher
-from producer.schedules import (
-    SCHEDULED_RUN_TASK,
-    RunRecord,
-    ScheduleSpec,
-    ScheduleStore,
-    check_service,
-    triage_active,
-    unfinished_images,
-)
+from producer.scheduling.app import SCHEDULED_RUN_TASK
+from producer.scheduling.spec import ScheduleSpec, check_service
+from producer.scheduling.store import RunRecord, ScheduleStore
 from worker.jobs import JobState, JobStore, UnknownJobError
 from worker.settings import Settings
 from worker.storage import BlobStore
 
 log = logging.getLogger(__name__)
+
+# An unfinished run older than this no longer keeps its images out of later runs (`blobscore reconcile` it).
+STALE_RUN_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +43,30 @@ class RunReport:
         return {"schedule": self.schedule, "job_id": self.job_id, "listed": self.listed,
                 "skipped_current": self.skipped_current, "excluded_in_flight": self.excluded_in_flight,
                 "busy": self.busy, "trigger": self.trigger}
+
+
+def triage_active(
+    states: Mapping[str, JobState | None], started: Mapping[str, float], now: float, stale_after_s: float = STALE_RUN_S
+) -> tuple[list[str], list[str]]:
+    """Split a schedule's in-flight jobs into (still shielding their images, to forget).
+
+    Called under the schedule's run lock. `done` jobs are finished; a job whose record is gone (None) is forgotten;
+    a job still `listing` belongs to a run that died mid-listing (no live run can hold it: we hold the lock), so it
+    shields nothing (its queued images, if any, find their result already written and are not scored twice); a
+    `running` job older than `stale_after_s` is assumed stuck and no longer shields its images.
+    """
+    shielding, forget = [], []
+    for job_id, state in sorted(states.items()):
+        if state == "running" and now - started.get(job_id, now) < stale_after_s:
+            shielding.append(job_id)
+        else:
+            forget.append(job_id)
+    return shielding, forget
+
+
+def unfinished_images(listed: set[str], ok: set[str], rejected: set[str]) -> set[str]:
+    """A job's images still queued or retrying: listed, with no outcome yet."""
+    return listed - ok - rejected
 
 
 def images_in_flight(jobs: JobStore, schedules: ScheduleStore, name: str, now: float) -> set[str]:
@@ -84,7 +97,14 @@ def run_schedule(
     trigger: str = "beat",
     clock: Callable[[], float] = time.time,
 ) -> RunReport:
-    """Run the schedule once under its lock: queue its new and changed images as a new job and record it."""
+    """Run the schedule once under its lock: queue its new and changed images as a new job and record it.
+
+    The run lists the schedule's container/prefix and queues only the images with no current result (new blobs, or
+    blobs whose etag changed), from one listing of the results prefix (`producer.enqueue`); its job (visible with
+    `blobscore status`) becomes the schedule's last job. Images earlier runs queued that have no outcome yet are
+    excluded, so a run that starts while earlier ones are still going never queues the same image twice; the
+    schedule's Redis lock keeps two runs (two beats, beat and `schedule run`) from listing at the same time.
+    """
     check_service(spec, settings)
     with schedules.run_lock(spec.name) as held:
         if not held:
