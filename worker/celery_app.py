@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
+from worker.leases import Lease, reclaim_dead
 from worker.presence import Presence
+from worker.redis_client import open_redis
 from worker.runtime import ProcessResources
 from worker.settings import Settings
 from worker.tasks import register_tasks
@@ -70,16 +73,27 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     resources = ProcessResources(settings)
     presence = Presence(settings.key_prefix, consumes or [])
+    lease = Lease(settings.key_prefix)
     register_tasks(app, settings, resources, presence)
 
+    def _received(request: Any = None, **_: Any) -> None:
+        lease.received(str(request.message.delivery_tag))
+
     def _start(**_: Any) -> None:
-        presence.start(resources.get().redis)
+        client, broker = resources.get().redis, open_redis(settings.broker_url)
+        lease.keep(client, broker)
+        presence.start(client, also=(lambda: reclaim_dead(app, client, broker, settings.key_prefix, lease.worker_id),))
 
     def _close(**_: Any) -> None:
         presence.stop()
+        lease.stop()
+        if consumes:
+            with contextlib.suppress(Exception):  # Redis down at shutdown: the lease simply expires
+                lease.release(resources.get().redis)
         resources.close()
 
     # Weak references would let the closures be collected; keep them connected for the app's life.
+    task_received.connect(_received, weak=False)
     worker_ready.connect(_start, weak=False)
     worker_process_shutdown.connect(_close, weak=False)
     worker_shutdown.connect(_close, weak=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -45,20 +46,26 @@ class Presence:
         """A task of `queue` started (one dict store: no lock, no I/O)."""
         self._taken[queue] = time.time()
 
-    def start(self, client: redis.Redis) -> None:
-        """Publish the heartbeat every few seconds until `stop`."""
+    def start(self, client: redis.Redis, also: Sequence[Callable[[], object]] = ()) -> None:
+        """Publish the heartbeat every few seconds until `stop`, running `also` (lease, reclaim) on each beat."""
         if self._thread is not None or not self._queues:
             return
-        self._thread = threading.Thread(target=self._run, args=(client,), name="blobscore-presence", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(client, tuple(also)), name="blobscore-heartbeat",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """End the heartbeat thread."""
         self._stop.set()
 
-    def _run(self, client: redis.Redis) -> None:
+    def _run(self, client: redis.Redis, also: tuple[Callable[[], object], ...]) -> None:
         while not self._stop.is_set():
             self.beat(client)
+            for step in also:
+                try:
+                    step()
+                except Exception as exc:  # a beat that fails (Redis restarting) is tried again on the next one
+                    log.warning("heartbeat step failed: %s", exc)
             self._stop.wait(HEARTBEAT_S)
 
     def beat(self, client: redis.Redis) -> None:

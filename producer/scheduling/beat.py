@@ -18,6 +18,9 @@ from producer.scheduling.app import BEAT_MAX_LOOP_INTERVAL_S, BeatEntry, schedul
 from producer.scheduling.run import register_scheduled_run
 from producer.scheduling.spec import ScheduleSpec, check_service
 from producer.scheduling.store import ScheduleStore, SyncReport
+from worker.leases import Reclaimer
+from worker.presence import HEARTBEAT_S
+from worker.redis_client import open_redis
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,15 +150,22 @@ def run_beat(settings: Settings, config_schedules: Mapping[str, ScheduleSpec] | 
     # The lock is taken in the beat loop (LockedRedBeatScheduler), never by redbeat's blocking handler.
     beat_init.disconnect(acquire_distributed_beat_lock)
     beat = BeatThread(app)
+    # Beat always runs (two replicas), so it also gives dead workers' images back: with every worker gone (scaled to
+    # zero, a lost node) nothing waits for the visibility timeout.
+    reclaimer = Reclaimer(app, open_redis(settings.jobs_url), open_redis(settings.broker_url), settings.key_prefix,
+                          HEARTBEAT_S)
 
     def start_beat(**_: Any) -> None:
         if not beat.is_alive():
             beat.start()
+        if not reclaimer.is_alive():
+            reclaimer.start()
 
     def stop_beat(**_: Any) -> None:
         beat.service.stop()
 
     def finish(**_: Any) -> None:
+        reclaimer.stop()
         beat.stop()
         resources.close()
 

@@ -1,0 +1,186 @@
+"""Fast reclaim: each worker process holds a short lease in Redis; a dead one's unacknowledged images go back at once.
+
+Celery on Redis only redelivers an unacknowledged message after the visibility timeout (240 s), because nothing
+notices a consumer's death. Here every worker process keeps a lease (a key with a TTL, renewed by its heartbeat)
+and publishes the delivery tags it holds. When a lease expires, any live worker — or `blobscore beat`, so it also
+happens with no worker left — gives the dead one's messages back to their queues through kombu's own restore
+(exactly once: kombu's transaction moves a tag out of the unacked hash only if it is still there). A worker that
+was merely paused and comes back notices that its lease was taken over and registers again; its late result
+writes are still create-only, so nothing is doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# Renewed every heartbeat (5 s); a worker silent this long is dead (its thread runs even while tasks hold the GIL
+# for a while: three missed renewals).
+LEASE_TTL_S = 15
+# kombu's Redis transport keeps unacknowledged messages in this hash (its `unacked_key`, default name).
+UNACKED_KEY = "unacked"
+# Only one live process reclaims a given dead worker at a time.
+REAPING_TTL_S = 60
+# The lease is renewed this often, and newly received tags are published at most this long after they arrive (a
+# worker killed sooner than that leaves those few to the visibility timeout); a few Redis calls a second at most.
+RENEW_S = 5.0
+PUBLISH_DELAY_S = 0.5
+
+
+def new_worker_id() -> str:
+    """Unique per process start: host, pid and randomness (a restarted process never inherits a lease)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Lease:
+    """This process's lease and the delivery tags it holds (stamped in memory by the task_received signal)."""
+
+    def __init__(self, key_prefix: str, worker_id: str | None = None) -> None:
+        self.worker_id = worker_id or new_worker_id()
+        self._prefix = key_prefix
+        self._tags: set[str] = set()
+        self._registered = False
+        self._news = threading.Event()
+        self._stop = threading.Event()
+
+    def received(self, delivery_tag: str) -> None:
+        """A message was reserved by this process (a set insert and an event: no I/O in the consumer thread)."""
+        self._tags.add(delivery_tag)
+        self._news.set()
+
+    def keep(self, client: redis.Redis, broker: redis.Redis) -> threading.Thread:
+        """Renew the lease every few seconds, and publish new tags within half a second, until `stop`."""
+        thread = threading.Thread(target=self._run, args=(client, broker), name="blobscore-lease", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """End the renewing thread (the lease then expires unless released)."""
+        self._stop.set()
+        self._news.set()
+
+    def _run(self, client: redis.Redis, broker: redis.Redis) -> None:
+        while not self._stop.is_set():
+            self._news.clear()
+            try:
+                self.beat(client, broker)
+            except Exception as exc:  # Redis restarting: renew on the next round (the TTL leaves three)
+                log.warning("lease of worker %s not renewed: %s", self.worker_id, exc)
+            self._stop.wait(PUBLISH_DELAY_S)  # at most two publishes a second, however many messages arrive
+            self._news.wait(RENEW_S - PUBLISH_DELAY_S)  # new tags are published at once after a quiet spell
+
+    def beat(self, client: redis.Redis, broker: redis.Redis) -> None:
+        """Renew the lease and publish the tags still unacknowledged; notice a lease taken over while paused."""
+        tags = list(self._tags)
+        pipe = broker.pipeline(transaction=False)
+        for tag in tags:
+            pipe.hexists(UNACKED_KEY, tag)
+        replies = [*pipe.execute(), client.sismember(workers_key(self._prefix), self.worker_id)]
+        held = [tag for tag, still in zip(tags, replies[:-1], strict=True) if still]
+        self._tags.difference_update(set(tags) - set(held))  # acknowledged since; tags received meanwhile stay
+        if self._registered and not replies[-1]:
+            log.warning("worker %s: its lease expired and was taken over (paused or cut off?): its unacknowledged "
+                        "images were requeued; results stay single (create-only writes)", self.worker_id)
+        pipe = client.pipeline(transaction=True)
+        pipe.set(lease_key(self._prefix, self.worker_id), time.time(), ex=LEASE_TTL_S)
+        pipe.sadd(workers_key(self._prefix), self.worker_id)
+        pipe.delete(held_key(self._prefix, self.worker_id))
+        if held:
+            pipe.sadd(held_key(self._prefix, self.worker_id), *held)
+        pipe.execute()
+        self._registered = True
+
+    def release(self, client: redis.Redis) -> None:
+        """A clean shutdown: kombu restores what it reserved; drop the lease so nobody reclaims it again."""
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(lease_key(self._prefix, self.worker_id), held_key(self._prefix, self.worker_id))
+        pipe.srem(workers_key(self._prefix), self.worker_id)
+        pipe.execute()
+
+
+def workers_key(prefix: str) -> str:
+    """The set of worker ids that hold (or held) a lease in this deployment."""
+    return f"{prefix}workers"
+
+
+def lease_key(prefix: str, worker_id: str) -> str:
+    """A worker's lease: present while it is alive."""
+    return f"{prefix}lease:{worker_id}"
+
+
+def held_key(prefix: str, worker_id: str) -> str:
+    """The delivery tags a worker held at its last heartbeat."""
+    return f"{prefix}held:{worker_id}"
+
+
+def dead_workers(client: redis.Redis, prefix: str) -> list[str]:
+    """Registered workers whose lease has expired."""
+    ids = sorted(str(worker) for worker in client.smembers(workers_key(prefix)))
+    if not ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for worker in ids:
+        pipe.exists(lease_key(prefix, worker))
+    return [worker for worker, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+
+
+def reclaim_dead(app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, me: str) -> int:
+    """Give every dead worker's unacknowledged messages back to their queues; the number of messages restored."""
+    restored = 0
+    for worker in dead_workers(client, prefix):
+        if not client.set(f"{prefix}reaping:{worker}", me, nx=True, ex=REAPING_TTL_S):
+            continue  # another live process is on it
+        tags = [str(tag) for tag in client.smembers(held_key(prefix, worker))]
+        restored += _restore(app, broker, tags)
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(held_key(prefix, worker))
+        pipe.srem(workers_key(prefix), worker)
+        pipe.execute()
+        log.warning("worker %s stopped renewing its lease: %d of its unacknowledged images requeued now",
+                    worker, len(tags))
+    return restored
+
+
+def _restore(app: Any, broker: redis.Redis, tags: list[str]) -> int:
+    present = [tag for tag in tags if broker.hexists(UNACKED_KEY, tag)]
+    if not present:
+        return 0
+    with app.connection_for_write() as connection:
+        qos = connection.default_channel.qos
+        for tag in present:
+            # kombu's own restore: the same queue lookup and `redelivered` flag as a visibility-timeout restore, in
+            # a transaction that does nothing if the tag was acknowledged or restored meanwhile.
+            qos.restore_by_tag(tag)
+    return len(present)
+
+
+class Reclaimer(threading.Thread):
+    """For processes with no lease of their own (`blobscore beat`): reclaim dead workers' images every few seconds,
+    so that scale-to-zero or the loss of every worker never strands an unacknowledged image."""
+
+    def __init__(self, app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, every_s: float) -> None:
+        super().__init__(name="blobscore-reclaimer", daemon=True)
+        self._args = (app, client, broker, prefix, f"reclaimer-{new_worker_id()}")
+        self._every_s = every_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                reclaim_dead(*self._args)
+            except Exception as exc:  # Redis restarting: try again on the next round
+                log.warning("reclaiming dead workers' images failed: %s", exc)
+            self._stop_event.wait(self._every_s)
+
+    def stop(self) -> None:
+        """End the loop."""
+        self._stop_event.set()
