@@ -37,6 +37,7 @@ lint: install
 	$(BIN)/mypy
 
 test: install node lint
+	sh scripts/ensure-tools.sh
 	$(BIN)/pytest
 
 bench: install node

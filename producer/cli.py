@@ -19,6 +19,7 @@ from producer.diagnosis import diagnose
 from producer.enqueue import EnqueueOptions, count_only, run_listing
 from producer.enqueue import enqueue as run_enqueue
 from producer.publishing import TaskPublisher
+from producer.report_cli import report_app
 from producer.scheduling.cli import mount as mount_schedules
 from worker.errors import BlobscoreError, ConfigurationError
 from worker.jobs import JobSpec, JobStatus, JobStore
@@ -36,6 +37,7 @@ app.add_typer(samples_app, name="samples")
 services_app = typer.Typer(help="The scoring services this configuration knows.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 mount_schedules(app)
+app.add_typer(report_app)
 console = Console(stderr=True)
 
 
