@@ -6,7 +6,7 @@ import contextlib
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import task_postrun, task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
 from worker.leases import Lease, reclaim_dead
 from worker.presence import Presence
@@ -59,6 +59,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout_s,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,
+        # Remote control is a pub/sub subscription per worker: the read that, across a Redis restart, can stop the
+        # whole worker with kombu's "'NoneType' object has no attribute 'hostname'". Opt-in (for Flower).
+        "worker_enable_remote_control": settings.worker_remote_control,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }
@@ -73,11 +76,15 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     resources = ProcessResources(settings)
     presence = Presence(settings.key_prefix, consumes or [])
-    lease = Lease(settings.key_prefix)
+    lease = Lease(settings.key_prefix, app=app)
     register_tasks(app, settings, resources, presence)
 
     def _received(request: Any = None, **_: Any) -> None:
-        lease.received(str(request.message.delivery_tag))
+        lease.received(str(request.message.delivery_tag), str(request.id))
+
+    def _finished(task_id: str | None = None, **_: Any) -> None:
+        if task_id is not None:
+            lease.finished(task_id)
 
     def _start(**_: Any) -> None:
         client, broker = resources.get().redis, open_redis(settings.broker_url)
@@ -94,6 +101,7 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
 
     # Weak references would let the closures be collected; keep them connected for the app's life.
     task_received.connect(_received, weak=False)
+    task_postrun.connect(_finished, weak=False)
     worker_ready.connect(_start, weak=False)
     worker_process_shutdown.connect(_close, weak=False)
     worker_shutdown.connect(_close, weak=False)

@@ -34,6 +34,10 @@ REAPING_TTL_S = 60
 # worker killed sooner than that leaves those few to the visibility timeout); a few Redis calls a second at most.
 RENEW_S = 5.0
 PUBLISH_DELAY_S = 0.5
+# A task that finished this long ago and whose message is still unacknowledged lost its ack (the broker restarted
+# at that moment): its message is requeued at once instead of waiting out the visibility timeout (the redelivery
+# finds the result and only counts it).
+LOST_ACK_GRACE_S = 3.0
 
 
 def new_worker_id() -> str:
@@ -44,18 +48,35 @@ def new_worker_id() -> str:
 class Lease:
     """This process's lease and the delivery tags it holds (stamped in memory by the task_received signal)."""
 
-    def __init__(self, key_prefix: str, worker_id: str | None = None) -> None:
+    def __init__(self, key_prefix: str, worker_id: str | None = None, app: Any = None) -> None:
         self.worker_id = worker_id or new_worker_id()
         self._prefix = key_prefix
+        self._app = app
         self._tags: set[str] = set()
+        self._by_task: dict[str, list[str]] = {}
+        self._finished: dict[str, float] = {}
+        self._lock = threading.Lock()
         self._registered = False
         self._news = threading.Event()
         self._stop = threading.Event()
 
-    def received(self, delivery_tag: str) -> None:
-        """A message was reserved by this process (a set insert and an event: no I/O in the consumer thread)."""
-        self._tags.add(delivery_tag)
+    def received(self, delivery_tag: str, task_id: str) -> None:
+        """A message was reserved by this process (in-memory bookkeeping: no I/O in the consumer thread)."""
+        with self._lock:
+            self._tags.add(delivery_tag)
+            self._by_task.setdefault(task_id, []).append(delivery_tag)
         self._news.set()
+
+    def finished(self, task_id: str) -> None:
+        """A task ran to its end: its message should be acknowledged now (the oldest one of that task id: a retry
+        publishes a newer message under the same id)."""
+        with self._lock:
+            tags = self._by_task.get(task_id)
+            if not tags:
+                return
+            self._finished[tags.pop(0)] = time.monotonic()
+            if not tags:
+                del self._by_task[task_id]
 
     def keep(self, client: redis.Redis, broker: redis.Redis) -> threading.Thread:
         """Renew the lease every few seconds, and publish new tags within half a second, until `stop`."""
@@ -80,13 +101,27 @@ class Lease:
 
     def beat(self, client: redis.Redis, broker: redis.Redis) -> None:
         """Renew the lease and publish the tags still unacknowledged; notice a lease taken over while paused."""
-        tags = list(self._tags)
+        with self._lock:
+            tags = list(self._tags)
         pipe = broker.pipeline(transaction=False)
         for tag in tags:
             pipe.hexists(UNACKED_KEY, tag)
         replies = [*pipe.execute(), client.sismember(workers_key(self._prefix), self.worker_id)]
         held = [tag for tag, still in zip(tags, replies[:-1], strict=True) if still]
-        self._tags.difference_update(set(tags) - set(held))  # acknowledged since; tags received meanwhile stay
+        with self._lock:
+            self._tags.difference_update(set(tags) - set(held))  # acknowledged since; tags received meanwhile stay
+            for tag in set(tags) - set(held):
+                self._finished.pop(tag, None)
+            now = time.monotonic()
+            lost = [tag for tag in held if now - self._finished.get(tag, now) > LOST_ACK_GRACE_S]
+        if lost and self._app is not None:
+            log.warning("worker %s: %d finished tasks lost their acknowledgement (broker restarted?): requeued",
+                        self.worker_id, _restore(self._app, broker, lost))
+            with self._lock:
+                self._tags.difference_update(lost)
+                for tag in lost:
+                    self._finished.pop(tag, None)
+            held = [tag for tag in held if tag not in lost]
         if self._registered and not replies[-1]:
             log.warning("worker %s: its lease expired and was taken over (paused or cut off?): its unacknowledged "
                         "images were requeued; results stay single (create-only writes)", self.worker_id)

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     soft_shutdown_timeout_s: float = Field(default=10.0, ge=0)
     # The longest one task may run: its download, Predict and upload calls each have a deadline well below it.
     task_time_limit_s: float = Field(default=90.0, gt=0)
+    # Celery's remote control (`celery inspect`, Flower's worker view): a pub/sub channel that, when Redis restarts,
+    # can race kombu into stopping the whole worker ("'NoneType' object has no attribute 'hostname'"). Off unless
+    # you watch workers with Flower.
+    worker_remote_control: bool = False
 
     def service_config(self, name: str | None = None) -> ServiceConfig:
         """The named service (default: `service`), from the registry or, for the default, the scoring_* fields."""

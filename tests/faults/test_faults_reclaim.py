@@ -11,13 +11,15 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fault_helpers import REPO, Processes, assert_clean, held, kill9, start_worker, wait_for
 from shared_helpers import jpeg_bytes
 
-from deploy.local.procs import ManagedProcess
+from deploy.local.procs import ManagedProcess, free_port
+from deploy.local.redis_local import start_redis
 
 Report = Callable[[dict[str, Any]], None]
 # The production default (and more than any lease takes): recovery below it is the leases' work.
@@ -25,6 +27,9 @@ LONG_VISIBILITY = {"BLOBSCORE_VISIBILITY_TIMEOUT_S": "240"}
 SLOW_PREDICT_MS = "1500"
 # Lease TTL (15 s) + a heartbeat (5 s) + time to score what was requeued: far below the 240 s visibility timeout.
 RECLAIM_BOUND_S = 45
+RESTARTS = 20
+# The issue's bound from the last Redis restart to the job's end (300 images, 2 workers).
+LAST_RESTART_TO_DONE_S = 60
 
 
 def _images(count: int, seed: int) -> dict[str, bytes]:
@@ -105,3 +110,38 @@ def test_with_every_worker_gone_beat_requeues_their_images(
     fault_report(tally)
     assert_clean(tally)
     assert tally["ok"] == 4
+
+
+@pytest.mark.timeout(300)
+def test_twenty_redis_restarts_in_a_row_never_stop_a_worker_and_the_job_ends_soon_after(
+    make_job: Any, procs: Processes, fault_report: Report, tmp_path: Path
+) -> None:
+    """Two workers, 300 images; the broker (append-only, fsync always) is restarted 20 times, 1–2 s apart. No
+    worker process may exit, nothing is lost or doubled, and the job ends soon after the last restart even though
+    the visibility timeout is 240 s: acknowledgements lost in a restart are requeued by the worker's lease."""
+    port, data_dir = free_port(), tmp_path / "redis-data"
+    server = procs.track(start_redis(port, data_dir, appendonly=True))
+    job = make_job(broker_url=f"redis://127.0.0.1:{port}/0", extra=LONG_VISIBILITY)
+    # About 8 images/s: the job is still running at the last restart, with images in flight through every one.
+    job.start_standin(procs, "--emulate-latency-ms", "1000")
+    job.upload(_images(300, seed=2000))
+    workers = [start_worker(procs, job.env, job.workdir / f"worker-{number}.log", concurrency=4) for number in (1, 2)]
+    job.enqueue()
+    wait_for(lambda: job.status()["ok"] >= 10, 60, "ten images scored")
+    for _ in range(RESTARTS):
+        server.stop()  # TERM: Redis writes its AOF out and exits
+        time.sleep(0.3)
+        server = procs.track(start_redis(port, data_dir, appendonly=True))
+        time.sleep(1.2)
+        assert all(worker.alive() for worker in workers), "a worker process exited across a Redis restart"
+    last_restart_at = time.monotonic()
+    done_at = job.wait_done(LAST_RESTART_TO_DONE_S)
+    logs = "".join(worker.log.read_text() for worker in workers)
+    tally = job.tally(recovery_s=round(done_at - last_restart_at, 1), redis_restarts=RESTARTS,
+                      worker_exits=sum(not worker.alive() for worker in workers))
+    fault_report(tally)
+    assert_clean(tally)
+    assert tally["ok"] == 300
+    assert tally["worker_exits"] == 0
+    assert "Unrecoverable error" not in logs
+    assert last_restart_at < done_at, "the job ended before the restarts did: nothing was in flight"
