@@ -3,7 +3,12 @@
 None of these files can be run here (no Docker engine, no cluster, no Azure subscription), so what can be checked
 offline is checked: every `blobscore ...` command they run parses against the real CLI, every BLOBSCORE_* variable
 is a real setting and every value validates, no secret is written into them, Azurite is never loose, the grace
-periods and resources fit the worker, and the Azure ML SDK calls use keyword arguments the installed SDK has.
+periods and resources fit the worker, each region's workers get its services' keys and scale on its services'
+queues, and the Azure ML SDK calls use keyword arguments the installed SDK has.
+
+The Kubernetes checks read what `kubectl kustomize` renders for each overlay of deploy/k8s/overlays (the objects
+as they would be applied), so kubectl must be installed: scripts/ensure-validators.sh installs it. The validators
+themselves (schemas, hadolint, docker-compose) are tests/deploy/test_validators.py.
 
 PyYAML is a hard dependency of this module (today it comes with azureml-core, which the Makefile installs).
 """
@@ -11,9 +16,12 @@ PyYAML is a hard dependency of this module (today it comes with azureml-core, wh
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
+import math
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -31,7 +39,7 @@ from deploy.standin.cli import KEY_ENV_VAR as STANDIN_KEY_ENV
 from producer import cli
 from worker.models.catalog import DEFAULT_INPUT_NAME, PROFILES
 from worker.settings import Settings, load_settings
-from worker.worker_main import queues_to_consume
+from worker.worker_main import queues_to_consume, services_to_consume
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -41,8 +49,16 @@ AZURITE_DOCKERFILE = DOCKER_DIR / "azurite.Dockerfile"
 COMPOSE_SECRETS = DOCKER_DIR / "secrets.env"
 COMPOSE_SECRETS_EXAMPLE = DOCKER_DIR / "secrets.env.example"
 K8S_DIR = ROOT / "deploy" / "k8s"
-K8S_CONFIG = K8S_DIR / "blobscore.toml"
+K8S_BASE = K8S_DIR / "base"
+K8S_OVERLAYS = K8S_DIR / "overlays"
+K8S_CONFIG = K8S_BASE / "blobscore.toml"
 SECRET_NAME = "blobscore-secrets"
+# What the base marks as an overlay's to fill in (deploy/k8s/base/worker.yaml, autoscaling.yaml).
+TEMPLATE_VALUE = "set-by-overlay"
+# Capacity of one FPGA scoring service: about 40 images in flight (its request queue); more only wait there.
+IMAGES_IN_FLIGHT_PER_SERVICE = 40
+# The cooldown before a region's last worker is stopped (KEDA's cooldownPeriod) is at least this long.
+MIN_COOLDOWN_S = 300
 
 # The BLOBSCORE_* variables that are not Settings fields, and the code that reads each.
 NON_SETTINGS_VARIABLES = {
@@ -75,19 +91,56 @@ def compose_services() -> dict[str, dict[str, Any]]:
     return services
 
 
-def k8s_manifest_files() -> list[Path]:
-    """Every Kubernetes manifest of deploy/k8s (the kustomization itself excluded)."""
-    return sorted(path for path in K8S_DIR.glob("*.yaml") if path.name != "kustomization.yaml")
+def k8s_source_files() -> list[Path]:
+    """Every file of deploy/k8s that kustomize reads: manifests, patches, kustomizations, blobscore.toml."""
+    return sorted(path for path in K8S_DIR.rglob("*") if path.suffix in (".yaml", ".toml"))
+
+
+def base_manifest_files() -> list[Path]:
+    """The manifests of deploy/k8s/base (its kustomization excluded)."""
+    return sorted(path for path in K8S_BASE.glob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def overlay_regions() -> list[str]:
+    """The regions with an overlay (deploy/k8s/overlays/REGION/kustomization.yaml)."""
+    return sorted(path.parent.name for path in K8S_OVERLAYS.glob("*/kustomization.yaml"))
+
+
+@functools.cache
+def rendered_text(region: str) -> str:
+    """What `kubectl kustomize deploy/k8s/overlays/REGION` renders (once per session)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: run scripts/ensure-validators.sh (it renders deploy/k8s/overlays)")
+    run = subprocess.run([kubectl, "kustomize", str(K8S_OVERLAYS / region)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, f"kubectl kustomize deploy/k8s/overlays/{region}: {run.stderr}"
+    return run.stdout
+
+
+def rendered(region: str) -> list[dict[str, Any]]:
+    """The objects an overlay renders."""
+    return [doc for doc in yaml.safe_load_all(rendered_text(region)) if doc is not None]
 
 
 def k8s_objects() -> list[dict[str, Any]]:
-    """Every object of every manifest."""
-    return [doc for path in k8s_manifest_files() for doc in load_yaml_documents(path)]
+    """Every object of every overlay, once: the shared ones render identically in each (checked below)."""
+    unique: dict[tuple[str, str], dict[str, Any]] = {}
+    for region in overlay_regions():
+        for doc in rendered(region):
+            unique.setdefault((doc["kind"], doc["metadata"]["name"]), doc)
+    return list(unique.values())
 
 
 def deployments() -> list[dict[str, Any]]:
     """The Deployments."""
     return [doc for doc in k8s_objects() if doc["kind"] == "Deployment"]
+
+
+def config_map() -> dict[str, Any]:
+    """The generated ConfigMap blobscore-config-<hash> (the same in every overlay)."""
+    (found,) = [doc for doc in k8s_objects() if doc["kind"] == "ConfigMap"]
+    return found
 
 
 def k8s_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -271,8 +324,7 @@ def looks_random(run: str) -> bool:
 
 def deployment_texts() -> dict[str, str]:
     """The raw text of every deployment file a secret could be written into."""
-    paths = [COMPOSE_FILE, DOCKERFILE, AZURITE_DOCKERFILE, DOCKER_DIR / "blobscore.toml",
-             K8S_DIR / "kustomization.yaml", K8S_CONFIG, *k8s_manifest_files()]
+    paths = [COMPOSE_FILE, DOCKERFILE, AZURITE_DOCKERFILE, DOCKER_DIR / "blobscore.toml", *k8s_source_files()]
     return {str(path.relative_to(ROOT)): path.read_text("utf-8") for path in paths}
 
 
@@ -324,6 +376,12 @@ def test_kubernetes_secrets_come_from_the_secret_by_reference_only() -> None:
                 assert ref == {"name": SECRET_NAME, "key": item["name"]}, f"{deployment}: {item['name']}"
         assert "envFrom" not in container, f"{deployment}: name each secret a pod gets, do not import them all"
     assert not [doc for doc in k8s_objects() if doc["kind"] == "Secret"], "no Secret object: create it from README"
+    for auth in (doc for doc in k8s_objects() if doc["kind"] == "TriggerAuthentication"):
+        refs = auth["spec"]["secretTargetRef"]
+        assert set(auth["spec"]) == {"secretTargetRef"}, "KEDA gets the Redis address and password from the Secret"
+        assert {ref["name"] for ref in refs} == {SECRET_NAME}
+        assert {ref["parameter"]: ref["key"] for ref in refs} == {"address": "REDIS_ADDRESS",
+                                                                  "password": "REDIS_PASSWORD"}
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -452,25 +510,65 @@ def test_the_compose_worker_is_given_time_to_finish_its_images() -> None:
 # --------------------------------------------------------------------------------------------- kubernetes
 
 
-def test_kustomization_lists_every_manifest_and_generates_the_config() -> None:
-    (kustomization,) = load_yaml_documents(K8S_DIR / "kustomization.yaml")
-    assert sorted(kustomization["resources"]) == [path.name for path in k8s_manifest_files()]
+def test_the_base_lists_every_manifest_and_generates_the_config() -> None:
+    (kustomization,) = load_yaml_documents(K8S_BASE / "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == [path.name for path in base_manifest_files()]
     (generator,) = kustomization["configMapGenerator"]
     assert generator["name"] == "blobscore-config"
     assert generator["files"] == [K8S_CONFIG.name]
     assert kustomization["namespace"] == "blobscore"
     assert {image["name"] for image in kustomization["images"]} == {"blobscore"}
+    assert not list(K8S_DIR.glob("*.yaml")), "manifests belong in base/ or overlays/REGION/"
+
+
+def test_every_overlay_builds_on_the_base_and_fills_in_the_whole_worker_template() -> None:
+    assert overlay_regions(), "no overlay"
+    template = {("Deployment", "blobscore-worker"), ("PodDisruptionBudget", "blobscore-worker"),
+                ("Service", "blobscore-worker"), ("ScaledObject", "blobscore-worker")}
+    for region in overlay_regions():
+        overlay = K8S_OVERLAYS / region
+        (kustomization,) = load_yaml_documents(overlay / "kustomization.yaml")
+        assert kustomization["resources"] == ["../../base"], region
+        assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, f"{region}: more than patches"
+        patches = kustomization["patches"]
+        assert {(p["target"]["kind"], p["target"]["name"]) for p in patches} == template, region
+        for patch in patches:
+            assert patch.get("options") == {"allowNameChange": True}, region
+            assert "path" not in patch or (overlay / patch["path"]).is_file(), f"{region}: {patch['path']}"
+        # A patch whose target is misspelt matches nothing, silently: the base's value would stay.
+        assert TEMPLATE_VALUE not in rendered_text(region), f"{region}: a template value was not replaced"
+
+
+def test_each_overlay_adds_only_its_region_to_shared_objects_that_render_identically() -> None:
+    shared: dict[tuple[str, str], dict[str, Any]] = {}
+    for region in overlay_regions():
+        own = []
+        for doc in rendered(region):
+            labels = doc["metadata"].get("labels", {})
+            assert labels.get("app.kubernetes.io/part-of") == "blobscore"
+            assert doc["kind"] == "Namespace" or doc["metadata"]["namespace"] == "blobscore"
+            if "blobscore/region" in labels:
+                assert labels["blobscore/region"] == region
+                assert doc["metadata"]["name"] == f"blobscore-worker-{region}"
+                own.append(doc["kind"])
+            else:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert shared.setdefault(key, doc) == doc, f"{key} differs in overlays/{region}"
+        assert sorted(own) == ["Deployment", "PodDisruptionBudget", "ScaledObject", "Service"], region
+    # Applying several overlays to one cluster converges on one of each of these.
+    assert sorted(kind for kind, _name in shared) == [
+        "ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "TriggerAuthentication"]
 
 
 def test_every_manifest_parses_and_every_deployment_has_a_disruption_budget() -> None:
-    objects = k8s_objects()
-    assert {doc["kind"] for doc in objects} >= {"Deployment", "PodDisruptionBudget"}
-    budgets = [doc for doc in objects if doc["kind"] == "PodDisruptionBudget"]
-    for deployment in deployments():
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
-        assert len(matching) == 1, f"{deployment['metadata']['name']}: {len(matching)} disruption budgets"
+    for region in overlay_regions():
+        objects = rendered(region)
+        budgets = [doc for doc in objects if doc["kind"] == "PodDisruptionBudget"]
+        for deployment in (doc for doc in objects if doc["kind"] == "Deployment"):
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+            assert len(matching) == 1, f"{deployment['metadata']['name']}: {len(matching)} disruption budgets"
 
 
 def test_kubernetes_settings_are_real_and_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -478,6 +576,9 @@ def test_kubernetes_settings_are_real_and_validate(monkeypatch: pytest.MonkeyPat
     assert set(document) <= {"blobscore", "services", "schedules"}
     for key in document.get("blobscore", {}):
         assert f"BLOBSCORE_{key.upper()}" in settings_variable_names(), f"blobscore.toml: {key} is not a setting"
+    generated = config_map()
+    assert generated["data"] == {K8S_CONFIG.name: K8S_CONFIG.read_text("utf-8")}
+    assert re.fullmatch(r"blobscore-config-[a-z0-9]+", generated["metadata"]["name"])
     for deployment, pod, container in k8s_containers():
         env = literal_env(container)
         for name in [*env, *secret_env(container)]:
@@ -486,8 +587,10 @@ def test_kubernetes_settings_are_real_and_validate(monkeypatch: pytest.MonkeyPat
         assert env["BLOBSCORE_CONFIG"] == f"{mount['mountPath']}/blobscore.toml"
         assert mount["readOnly"]
         volume = next(v for v in pod["volumes"] if v["name"] == "config")
-        assert volume["configMap"]["name"] == "blobscore-config"
-        settings_from(env, K8S_CONFIG, monkeypatch, tmp_path)
+        assert volume["configMap"]["name"] == generated["metadata"]["name"]
+        settings = settings_from(env, K8S_CONFIG, monkeypatch, tmp_path)
+        # Pinned (not derived from the storage account), so the queue names KEDA watches are known here.
+        assert settings.namespace == "prod", "blobscore.toml must pin [blobscore] namespace"
 
 
 def worker_deployments() -> list[tuple[str, dict[str, Any], dict[str, Any], str]]:
@@ -501,17 +604,23 @@ def worker_deployments() -> list[tuple[str, dict[str, Any], dict[str, Any], str]
     return found
 
 
+def k8s_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """The settings every pod builds from the ConfigMap (the namespace is pinned there)."""
+    return settings_from({}, K8S_CONFIG, monkeypatch, tmp_path)
+
+
 def test_a_worker_deployment_per_region_with_its_services_keys_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     workers = worker_deployments()
     regions = {region for *_, region in workers}
-    # The namespace comes from the storage account in the cluster's Secret; any fixed one serves here.
-    settings = settings_from({}, K8S_CONFIG, monkeypatch, tmp_path).model_copy(update={"namespace": "prod"})
+    settings = k8s_settings(monkeypatch, tmp_path)
     assert regions == {service.region for service in settings.services.values()}, "a region without workers"
+    assert sorted(regions) == overlay_regions(), "an overlay per region, and a region per overlay"
+    assert len(workers) == len(regions)
     for name, pod, container, region in workers:
         assert name == f"blobscore-worker-{region}"
-        assert (K8S_DIR / f"worker-{region}.yaml").is_file()
+        assert any(doc["metadata"]["name"] == name for doc in rendered(region)), f"{name} not in overlays/{region}"
         assert pod["nodeSelector"] == {"topology.kubernetes.io/region": region}
         assert queues_to_consume(settings, region)  # raises when the region has no service
         wanted = {s.key_env for s in settings.services.values() if s.region == region and s.key_env}
@@ -540,13 +649,66 @@ def test_worker_pods_fit_the_worker_and_get_time_to_finish_their_images() -> Non
         assert pod["securityContext"]["runAsUser"] == 10001
 
 
-def test_the_beat_runs_blobscore_beat_with_at_most_two_replicas() -> None:
+def test_each_region_scales_on_the_backlog_of_its_services_queues(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = k8s_settings(monkeypatch, tmp_path)
+    for name, _pod, container, region in worker_deployments():
+        objects = rendered(region)
+        (deployment,) = [d for d in objects if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
+        (scaled,) = [d for d in objects if d["kind"] == "ScaledObject"]
+        (auth,) = [d for d in objects if d["kind"] == "TriggerAuthentication"]
+        spec = scaled["spec"]
+        assert spec["scaleTargetRef"] == {"name": name}
+        assert "replicas" not in deployment["spec"], f"{name}: KEDA owns the replica count; apply would reset it"
+        concurrency = int(literal_env(container)["BLOBSCORE_WORKER_CONCURRENCY"])
+        services = services_to_consume(settings, region)
+        # One trigger per service queue of the region, named exactly as the worker names its queues.
+        assert [t["metadata"]["listName"] for t in spec["triggers"]] == queues_to_consume(settings, region)
+        assert [t["name"] for t in spec["triggers"]] == services
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "redis"
+            assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+            metadata = trigger["metadata"]
+            assert metadata["listLength"] == str(concurrency), "target backlog per pod: one pod's concurrency"
+            assert metadata["activationListLength"] == "0", "any waiting image wakes a region at zero"
+            assert metadata["enableTLS"] == "true", "the broker is reached over TLS (rediss://)"
+            assert metadata["databaseIndex"] == "0"
+            assert set(metadata) == {"listName", "listLength", "activationListLength", "enableTLS", "databaseIndex"}
+        # As many pods as the region's services keep busy: ~40 images in flight per FPGA service.
+        assert spec["maxReplicaCount"] == math.ceil(len(services) * IMAGES_IN_FLIGHT_PER_SERVICE / concurrency)
+        # Zero strands nothing: `blobscore beat` (always running) also sweeps unacknowledged images back.
+        assert spec["minReplicaCount"] in (0, 1)
+        assert spec["cooldownPeriod"] >= MIN_COOLDOWN_S
+        scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] >= MIN_COOLDOWN_S
+
+
+def test_each_region_has_a_scrape_target_for_its_workers_metrics() -> None:
+    for name, _pod, container, region in worker_deployments():
+        objects = rendered(region)
+        (deployment,) = [d for d in objects if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
+        (service,) = [d for d in objects if d["kind"] == "Service"]
+        assert service["spec"]["clusterIP"] == "None", "headless: Prometheus scrapes each pod"
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        (port,) = service["spec"]["ports"]
+        (container_port,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+        assert port["port"] == container_port["containerPort"] == 9100
+        annotations = service["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9100",
+                               "prometheus.io/path": "/metrics"}
+
+
+def test_the_beat_runs_blobscore_beat_with_two_replicas() -> None:
     beats = [d for d in deployments() if d["spec"]["template"]["spec"]["containers"][0].get("args") == ["beat"]]
-    assert len(beats) == 1
+    assert len(beats) == 1, "one beat Deployment, the same in every overlay"
     (beat,) = beats
-    assert 1 <= beat["spec"]["replicas"] <= 2
+    # Two, always: redbeat's lock lets one fire; the other takes over. The workers' scale-to-zero relies on it.
+    assert beat["spec"]["replicas"] == 2
     container = beat["spec"]["template"]["spec"]["containers"][0]
     assert not [n for n in secret_env(container) if not n.startswith("BLOBSCORE_")], "the beat scores nothing"
+    assert not [d for d in k8s_objects() if d["kind"] == "ScaledObject" and d["spec"]["scaleTargetRef"]["name"]
+                == beat["metadata"]["name"]], "the beat is never scaled"
 
 
 # --------------------------------------------------------------------------------------------- deploy/azureml
