@@ -3,13 +3,20 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+DEMO_INSTALLED := $(VENV)/.installed-demo
 
-.PHONY: demo test install node stack-down lint bench clean
+.PHONY: demo test install node stack-down lint bench clean validators
 
-$(INSTALLED): pyproject.toml
+# The demo's install: the package with the stand-in and the sample photos only (no TensorFlow, no Azure ML SDK).
+$(DEMO_INSTALLED): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[standin,samples]'
+	touch $@
+
+# Everything the tests need on top of the demo's install.
+$(INSTALLED): pyproject.toml $(DEMO_INSTALLED)
 	# The official FPGA client (tests send its exact requests to the stand-in). Its azureml-core pins older
 	# pathspec/packaging than mypy needs, so it goes first and the dev install moves those two forward.
 	$(BIN)/python -m pip install -q azureml-accel-models
@@ -24,7 +31,7 @@ node_modules/.bin/azurite-blob: package.json
 
 node: node_modules/.bin/azurite-blob
 
-demo: install node
+demo: $(DEMO_INSTALLED) node
 	$(BIN)/blobscore stack up
 	$(BIN)/blobscore demo --container demo
 	@echo "The local stack keeps running in the background; stop it with: make stack-down"
@@ -36,7 +43,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install node lint
+validators: install
+	bash scripts/ensure-validators.sh
+
+test: install node lint validators
 	sh scripts/ensure-tools.sh
 	$(BIN)/pytest
 

@@ -28,12 +28,13 @@ def up(
         list[str] | None, typer.Option("--only", help=f"Start only these pieces (repeatable): {', '.join(PIECES)}.")
     ] = None,
     broker_url: Annotated[str | None, typer.Option(help="Redis to use (default: the configured one).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes to keep running (default 1).")] = None,
 ) -> None:
-    """Start what does not run yet: Redis, Azurite, the stand-in scorer and one worker."""
+    """Start what does not run yet: Redis, Azurite, the stand-in scorer and supervised workers."""
     pieces = _pieces(only)
     try:
         with console.status("starting the local stack…"):
-            report = stack.up(workdir, pieces=pieces, broker_url=broker_url)
+            report = stack.up(workdir, pieces=pieces, broker_url=broker_url, workers=workers)
     except StackError as exc:
         errors.print(f"[red]{exc}[/red]\nStop what did start with: blobscore stack down")
         raise typer.Exit(1) from exc
@@ -81,6 +82,8 @@ def _print_status(report: StackStatus) -> None:
     for piece in report.pieces:
         state = "[green]running[/green]" if piece.alive else "[red]stopped[/red]"
         owner = "" if piece.started_by_us else " (found running, not ours)"
+        if piece.restarts is not None:
+            owner += f" ({len(piece.children)} processes, {piece.restarts} restarts)"
         table.add_row(piece.name, state + owner, str(piece.pid or "-"), piece.log or "-")
     console.print(table)
     if report.namespace is not None:

@@ -166,12 +166,17 @@ class ManagedProcess:
         self.alive()
         return self._returncode
 
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM the whole group, wait up to `timeout` s for its leader to exit, then SIGKILL the rest."""
+    def stop(self, timeout: float = 10, *, leader_first: bool = False) -> None:
+        """SIGTERM the whole group (or, `leader_first`, only its leader, which stops its children itself), wait up
+        to `timeout` s for the leader to exit, then SIGKILL the rest."""
         if not self.alive():
             self._signal_group(signal.SIGKILL)  # orphans of a leader that already died
             return
-        self._signal_group(signal.SIGTERM)
+        if leader_first and self._owns_its_group():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+        else:
+            self._signal_group(signal.SIGTERM)
         self._wait_until_dead(timeout)
         self._signal_group(signal.SIGKILL)
         self._wait_until_dead(timeout)

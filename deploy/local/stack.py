@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import secrets
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from deploy.local.azurite import AzuriteUnavailableError, connection_string, start_azurite
 from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port, port_is_free, stopped_on_failure
 from deploy.local.redis_local import RedisUnavailableError, ensure_redis, redis_answers
+from deploy.local.supervise import read_state
 from worker.deployment import account_from_connection_string
 from worker.errors import BlobscoreError
 from worker.settings import STACK_FILE, load_settings
@@ -83,6 +85,8 @@ class StackState(BaseModel):
 
     pieces: list[Piece] = []
     settings: StackSettings
+    # How many worker processes the supervisor keeps running (`stack up --workers N`).
+    workers: int = 1
 
     def piece(self, name: str) -> Piece | None:
         """The recorded piece called `name`, if any."""
@@ -102,6 +106,10 @@ class PieceStatus(BaseModel):
     started_by_us: bool
     pid: int | None
     log: str | None
+    # The worker piece is a supervisor (deploy/local/supervise.py): its worker processes and how often it
+    # restarted one that exited.
+    children: list[int] = []
+    restarts: int | None = None
 
 
 class StackStatus(BaseModel):
@@ -130,6 +138,7 @@ class StackPaths:
         self.key_file = self.root / "standin.key"
         self.logs = self.root / "logs"
         self.redis_dir = self.root / "redis"
+        self.supervisor_state = self.root / "workers.json"
         self.azurite_dir = self.root / "azurite"
 
     def log(self, name: str) -> Path:
@@ -137,7 +146,9 @@ class StackPaths:
         return self.logs / f"{name}.log"
 
 
-def up(workdir: Path, pieces: Iterable[PieceName] = PIECES, broker_url: str | None = None) -> StackStatus:
+def up(
+    workdir: Path, pieces: Iterable[PieceName] = PIECES, broker_url: str | None = None, workers: int | None = None
+) -> StackStatus:
     """Start the pieces that do not run yet (all by default) and return the stack's status.
 
     Idempotent: running pieces are kept. The broker URL is `broker_url`, else the one recorded by an earlier
@@ -151,6 +162,9 @@ def up(workdir: Path, pieces: Iterable[PieceName] = PIECES, broker_url: str | No
     with _locked(paths):
         state = _load(paths) or StackState(settings=StackSettings(broker_url=_default_broker_url(paths.workdir)))
         _switch_broker(state, broker_url)
+        if workers is not None and workers != state.workers:
+            _stop_piece_named(state, "worker")  # started again below with the new count
+            state.workers = workers
         for name in PIECES:
             if name in wanted and not _piece_alive(state.piece(name), state.settings):
                 _start_piece(name, state, paths)
@@ -182,6 +196,7 @@ def status(workdir: Path) -> StackStatus:
 def _status(paths: StackPaths, state: StackState | None) -> StackStatus:
     if state is None:
         return StackStatus(workdir=str(paths.workdir), running=False, pieces=[], settings=None)
+    supervised = read_state(paths.supervisor_state)
     reports = [
         PieceStatus(
             name=piece.name,
@@ -189,6 +204,8 @@ def _status(paths: StackPaths, state: StackState | None) -> StackStatus:
             started_by_us=piece.started_by_us,
             pid=piece.pid,
             log=piece.log,
+            **({"children": supervised.get("children", []), "restarts": supervised.get("restarts", 0)}
+               if piece.name == "worker" and supervised.get("supervisor") == piece.pid else {}),
         )
         for piece in state.pieces
     ]
@@ -236,15 +253,26 @@ def _stop_piece(piece: Piece) -> bool:
     if process is None:
         return False
     was_alive = process.alive()
-    process.stop(timeout=STOP_TIMEOUT_S.get(piece.name, 10.0))  # also reaps orphans of a dead leader
+    # The worker supervisor gets the only TERM and passes one to each worker: a second TERM would turn their
+    # warm shutdown (running images finish) into a cold one.
+    process.stop(timeout=STOP_TIMEOUT_S.get(piece.name, 10.0), leader_first=piece.name == "worker")
     return was_alive
+
+
+def _stop_piece_named(state: StackState, name: PieceName) -> None:
+    piece = state.piece(name)
+    if piece is not None:
+        _stop_piece(piece)
 
 
 def _start_piece(name: PieceName, state: StackState, paths: StackPaths) -> None:
     earlier = state.piece(name)
     if earlier is not None:
         _stop_piece(earlier)  # a dead leader may have left children behind
-    starters = {"redis": _start_redis, "azurite": _start_azurite, "standin": _start_standin, "worker": _start_worker}
+    starters: dict[PieceName, Callable[[StackSettings, StackPaths], Piece]] = {
+        "redis": _start_redis, "azurite": _start_azurite, "standin": _start_standin,
+        "worker": functools.partial(_start_worker, count=state.workers),
+    }
     try:
         state.record(starters[name](state.settings, paths))
     except (RedisUnavailableError, AzuriteUnavailableError, ProcessExitedError, TimeoutError) as exc:
@@ -301,8 +329,10 @@ def _start_standin(settings: StackSettings, paths: StackPaths) -> Piece:
     return _piece("standin", process)
 
 
-def _start_worker(settings: StackSettings, paths: StackPaths) -> Piece:
-    argv = [sys.executable, "-m", "worker"]
+def _start_worker(settings: StackSettings, paths: StackPaths, count: int = 1) -> Piece:
+    # Under a supervisor, as Kubernetes or systemd would run workers: one that exits is started again.
+    argv = [sys.executable, "-m", "deploy.local.supervise", "--count", str(count), "--state",
+            str(paths.supervisor_state), "--", sys.executable, "-m", "worker"]
     process = ManagedProcess.start(argv, paths.log("worker"), env=_child_env(settings.as_env()), cwd=paths.workdir)
     with stopped_on_failure(process), contextlib.suppress(TimeoutError):  # alive all along is good enough
         process.wait_for_log(r"\bready\b", WORKER_SETTLE_S)

@@ -240,10 +240,12 @@ def _a_jpeg() -> bytes:
 def test_full_stack_scores_an_image_for_commands_run_in_its_directory(workdir: Path) -> None:
     # A Redis of the stack's own on a free port, so its worker takes no task queued by other tests.
     broker_url = f"redis://127.0.0.1:{free_port()}/0"
-    report = stack.up(workdir, broker_url=broker_url)
+    report = stack.up(workdir, broker_url=broker_url, workers=2)
 
     assert report.running
     assert [piece.name for piece in report.pieces] == ["redis", "azurite", "standin", "worker"]
+    workers = _piece(report, "worker")
+    assert (len(workers.children), workers.restarts) == (2, 0)
     assert all(piece.started_by_us for piece in report.pieces)
     settings = report.settings
     assert settings is not None
@@ -268,7 +270,28 @@ def test_full_stack_scores_an_image_for_commands_run_in_its_directory(workdir: P
         time.sleep(0.5)
     assert (job["state"], job["ok"], job["rejected"]) == ("done", 1, 0)
 
-    pids = [piece.pid for piece in report.pieces if piece.pid is not None]
+    # A worker killed (or stopped by a kombu error): the stack's supervisor starts another within seconds.
+    victim = workers.children[0]
+    os.kill(victim, 9)
+    deadline = time.monotonic() + 30
+    while True:
+        status = json.loads(subprocess.run([sys.executable, "-m", "producer.cli", "stack", "status", "--json"],
+                                           cwd=workdir, capture_output=True, text=True, check=True).stdout)
+        worker_status = next(piece for piece in status["pieces"] if piece["name"] == "worker")
+        if worker_status["restarts"] == 1 and len(worker_status["children"]) == 2:
+            break
+        assert time.monotonic() < deadline, f"the killed worker was not restarted: {worker_status}"
+        time.sleep(0.5)
+    assert victim not in worker_status["children"]
+    with BlobServiceClient.from_connection_string(settings.blob_connection_string) as client:
+        client.get_container_client("photos").upload_blob("two.jpg", _a_jpeg())
+    job_id = _blobscore(workdir, "enqueue", "--container", "photos")["job_id"]
+    deadline = time.monotonic() + 120
+    while (job := _blobscore(workdir, "status", job_id))["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (job["state"], job["ok"]) == ("done", 1)
+
+    pids = [piece.pid for piece in report.pieces if piece.pid is not None] + worker_status["children"]
     assert stack.down(workdir) == ["worker", "standin", "azurite", "redis"]
     assert not any(ManagedProcess.attach(pid, workdir / "unused.log").alive() for pid in pids)
     assert not redis_answers(broker_url)
