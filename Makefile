@@ -48,6 +48,7 @@ validators: install
 
 test: install node lint validators
 	sh scripts/ensure-tools.sh
+	sh scripts/ensure-prometheus.sh
 	$(BIN)/pytest
 
 bench: install node

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
@@ -15,16 +16,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from producer import exports
+from producer.carrier import listing_queue, start_listing
 from producer.diagnosis import diagnose
-from producer.enqueue import EnqueueOptions, count_only, run_listing
-from producer.enqueue import enqueue as run_enqueue
+from producer.enqueue import EnqueueOptions, EnqueueReport, count_only, run_listing
+from producer.exporter_cli import exporter_app
 from producer.publishing import TaskPublisher
 from producer.report_cli import report_app
 from producer.scheduling.cli import mount as mount_schedules
+from worker.celery_app import publisher_app
 from worker.errors import BlobscoreError, ConfigurationError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings
-from worker.storage import BlobNotFoundError, BlobStore
+from worker.storage import BlobStore
 
 app = typer.Typer(help="Score the JPEGs of an Azure Blob container through a TF-Serving gRPC scoring service.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -38,6 +41,7 @@ services_app = typer.Typer(help="The scoring services this configuration knows."
 app.add_typer(services_app, name="services")
 mount_schedules(app)
 app.add_typer(report_app)
+app.add_typer(exporter_app)
 console = Console(stderr=True)
 
 
@@ -83,44 +87,72 @@ def enqueue(
     results_prefix: Annotated[str | None, typer.Option(help="Default: blobscore-results/<service>/.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Queue at most this many images.")] = None,
     window: Annotated[int | None, typer.Option(min=1, help="Most tasks of the job waiting in the broker.")] = None,
-    resume: Annotated[str | None, typer.Option(help="Continue the listing of this job where it stopped.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Carry on the listing of this job where it stopped.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="List in this process until the last page is queued.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List and count only; create no job.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """List the JPEGs under CONTAINER/PREFIX that lack a current result and queue one task per image.
+    """Create a job for the JPEGs under CONTAINER/PREFIX that lack a current result, print its id and return.
 
-    The listing goes page by page and never has more than the window of tasks waiting in the broker, so the
-    command runs until the last page is queued; if it is stopped, `--resume JOB` continues where it left off.
+    The listing is carried on by the fleet — every worker and `blobscore beat` take the job's listing steps, a
+    page at a time, never more than the window of tasks waiting in the broker — so this returns at once; follow
+    it with `blobscore status JOB --watch`. `--wait` lists in this process instead, until the last page is
+    queued (a progress line on stderr). `--resume JOB` hands a stopped listing to the fleet again.
     """
-    from worker.celery_app import create_app
-
     settings = _settings()
     jobs = JobStore.from_settings(settings)
     store = BlobStore.from_settings(settings)
     options = EnqueueOptions(limit=limit, window=window or settings.enqueue_window)
     if resume is not None:
         _check_origin(jobs, resume, settings)
-        spec = jobs.spec(resume)
-        publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
-        report = run_listing(store, jobs, publish, resume, options)
+        spec, job_id = jobs.spec(resume), resume
+    elif container is None:
+        raise typer.BadParameter("--container is required (or --resume JOB)")
     else:
-        if container is None:
-            raise typer.BadParameter("--container is required (or --resume JOB)")
         spec = _job_spec(settings, container, prefix, service, results_container, results_prefix)
-        try:
-            if dry_run:
-                report = count_only(store, spec, options)
-            else:
-                publish = TaskPublisher(create_app(settings), settings.queue_for(spec.service))
-                report = run_enqueue(store, jobs, publish, spec, settings.deployment, options)
-        except BlobNotFoundError as exc:
-            containers = {spec.container, spec.results_container}
-            raise BlobscoreError(
-                f"container {' or '.join(sorted(containers))} does not exist in storage account {settings.account}: "
-                "check --container (and --results-container)"
-            ) from exc
+        _check_containers(store, settings, spec)
+        if dry_run:
+            report = count_only(store, spec, options)
+            _print_report(report, dry_run=True, as_json=as_json)
+            return
+        # A page is at most half the window: the next page is listed while the workers drain the first.
+        job_id = jobs.create(spec, settings.deployment, extra={
+            "window": options.window, "page_size": max(1, min(options.page_size, options.window // 2)),
+            "limit": limit or "",
+        })
+    app = publisher_app(settings)
+    if not wait:
+        start_listing(app, settings, jobs, job_id)
+        if as_json:
+            _print_json({"job_id": job_id, "state": "listing", "dry_run": False})
+        else:
+            console.print(f"job {job_id} created; the workers list {spec.container}/{spec.prefix} and queue its "
+                          f"images: follow it with `blobscore status {job_id} --watch`", markup=False)
+            typer.echo(job_id)
+        return
+    publish = TaskPublisher(app, settings.queue_for(spec.service))
+    report = run_listing(store, jobs, publish, job_id, options, on_page=_listing_progress(jobs, job_id))
+    _print_report(report, dry_run=False, as_json=as_json)
+
+
+def _check_containers(store: BlobStore, settings: Settings, spec: JobSpec) -> None:
+    for name in sorted({spec.container, spec.results_container}):
+        if not store.container_exists(name):
+            raise BlobscoreError(f"container {name} does not exist in storage account {settings.account}: check "
+                                 f"--container{' and --results-container' if name != spec.container else ''}")
+
+
+def _listing_progress(jobs: JobStore, job_id: str) -> Callable[[int, int], None]:
+    def show(listed: int, pages: int) -> None:
+        waiting = listed - jobs.finished_count(job_id)
+        console.print(f"job {job_id}: {pages} pages, {listed} images queued, {waiting} waiting in the window",
+                      markup=False, highlight=False, soft_wrap=True)
+    return show
+
+
+def _print_report(report: EnqueueReport, *, dry_run: bool, as_json: bool) -> None:
     if report.listed == 0 and report.skipped_current == 0:
-        console.print(f"nothing to score: no JPEG under {spec.container}/{spec.prefix}", markup=False)
+        console.print("nothing to score: no JPEG without a current result there", markup=False)
     if as_json:
         _print_json({"job_id": report.job_id, "listed": report.listed, "skipped_current": report.skipped_current,
                      "dry_run": dry_run})
@@ -181,7 +213,7 @@ def status(
 
 def _problems(jobs: JobStore, settings: Settings, current: JobStatus) -> list[str]:
     queue = settings.queue_for(jobs.spec(current.job_id).service)
-    return diagnose(jobs, jobs.client, settings.key_prefix, queue, current)
+    return diagnose(jobs, jobs.client, settings.key_prefix, queue, listing_queue(settings), current)
 
 
 def _watch(jobs: JobStore, job_id: str, settings: Settings, poll_s: float = 0.5) -> JobStatus:
@@ -295,13 +327,11 @@ def reconcile(
 ) -> None:
     """Compare a job's listing with its results; re-queue every image that has neither."""
     from producer.reconcile import reconcile as run_reconcile
-    from worker.celery_app import create_app
-
     settings = _settings()
     jobs = JobStore.from_settings(settings)
     _check_origin(jobs, job_id, settings)
     spec = jobs.spec(job_id)
-    publish = None if dry_run else TaskPublisher(create_app(settings), settings.queue_for(spec.service))
+    publish = None if dry_run else TaskPublisher(publisher_app(settings), settings.queue_for(spec.service))
     report = run_reconcile(BlobStore.from_settings(settings), jobs, publish, job_id)
     summary = {"job_id": report.job_id, "listed": report.listed, "finished": report.finished,
                "counted_from_results": report.counted_from_results,
@@ -318,11 +348,16 @@ def worker(
     region: Annotated[str | None, typer.Option(help="Consume the queues of this region's services only.")] = None,
     service: Annotated[list[str] | None, typer.Option(help="Consume this service's queue only (repeatable).")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Images in flight per process (threads).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics on this port "
+                                                     "(BLOBSCORE_METRICS_PORT).")] = None,
 ) -> None:
     """Run a Celery worker that scores images (by default for every known service)."""
     from worker.worker_main import run_worker
 
-    run_worker(_settings(), region, service, concurrency)
+    settings = _settings()
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
+    run_worker(settings, region, service, concurrency)
 
 
 @services_app.command("list")
@@ -401,19 +436,14 @@ def demo(
     samples_upload(container=container, prefix="")
     settings = _settings()
     started = time.perf_counter()
-    from worker.celery_app import create_app
-
     jobs = JobStore.from_settings(settings)
     spec = _job_spec(settings, container, "", None, None, None)
-    report = run_enqueue(BlobStore.from_settings(settings), jobs,
-                         TaskPublisher(create_app(settings), settings.queue_for(spec.service)), spec,
-                         settings.deployment)
-    if report.job_id is None:
-        return
-    console.print(f"job {report.job_id}: {report.listed} images queued, {report.skipped_current} already current")
-    final = _watch(jobs, report.job_id, settings)
+    job_id = jobs.create(spec, settings.deployment, extra={"window": settings.enqueue_window})
+    start_listing(publisher_app(settings), settings, jobs, job_id)  # the stack's worker lists and scores
+    console.print(f"job {job_id}: the worker lists {container} and scores what has no current result")
+    final = _watch(jobs, job_id, settings)
     elapsed = time.perf_counter() - started
-    Console().print(exports.to_table(exports.job_results(BlobStore.from_settings(settings), jobs, report.job_id)))
+    Console().print(exports.to_table(exports.job_results(BlobStore.from_settings(settings), jobs, job_id)))
     rate = final.listed / elapsed if elapsed > 0 else 0.0
     console.print(f"{final.ok} ok, {final.rejected} rejected in {elapsed:.1f} s ({rate:.1f} images/s)")
 

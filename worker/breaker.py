@@ -7,6 +7,7 @@ import time
 
 import redis
 
+from worker import metrics
 from worker.errors import CircuitOpenError
 
 # Failures are counted in a sliding-ish window: the counter expires this long after the first failure.
@@ -29,6 +30,12 @@ class CircuitBreaker:
         self._reason: str | None = None
         self._checked_at = 0.0
         self._failures_seen = False
+        # blobscore_breaker_open{service}: read at scrape time from this process's copy of the shared state.
+        metrics.BREAKER_OPEN.labels(service).set_function(self.is_open_here)
+
+    def is_open_here(self) -> float:
+        """1.0 while this process holds calls off the service (its copy of the shared state, at most 0.5 s old)."""
+        return 1.0 if self._open_until > time.time() else 0.0
 
     def check(self) -> None:
         """Raise CircuitOpenError while the breaker is open (state cached briefly per process)."""

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_postrun, task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
-from worker.leases import Lease, reclaim_dead
+from worker.leases import Lease, reclaim
 from worker.presence import Presence
 from worker.redis_client import open_redis
 from worker.runtime import ProcessResources
@@ -67,6 +67,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def publisher_app(settings: Settings) -> Celery:
+    """A Celery app that only publishes (the producer, the CLI): the broker settings, no task, no worker resources."""
+    app = Celery("blobscore")
+    app.conf.update(celery_config(settings))
+    return app
+
+
 def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     """A Celery app with the image task registered; per-process adapters open on first use.
 
@@ -89,7 +96,8 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     def _start(**_: Any) -> None:
         client, broker = resources.get().redis, open_redis(settings.broker_url)
         lease.keep(client, broker)
-        presence.start(client, also=(lambda: reclaim_dead(app, client, broker, settings.key_prefix, lease.worker_id),))
+        presence.start(client, also=(lambda: reclaim(app, client, broker, settings.key_prefix, settings.queue_prefix,
+                                                     lease.worker_id),))
 
     def _close(**_: Any) -> None:
         presence.stop()

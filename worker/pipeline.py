@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
@@ -56,11 +56,17 @@ class Limits:
 
 @dataclass(frozen=True)
 class ImageOutcome:
-    """How one task ended: a new result written, or an existing current one found."""
+    """How one task ended: a new result written, or an existing current one found.
+
+    `code` is a written rejection's code; `timings_ms` the stages this task went through (download, check, score,
+    upload), for the task edge's metrics and log line (the result document keeps download and score only).
+    """
 
     status: Status
     written: bool
     result_blob: str
+    code: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -89,16 +95,17 @@ def process_image(task: ImageTask, deps: Dependencies, *, check_first: bool = Tr
         existing, result_etag = deps.store.existing_result(task.results_container, name)
         if existing is not None and is_current(existing, task.etag):
             return _already_done(task, deps.jobs, existing, name)
-    doc = score_to_result(task, deps)
+    stages: dict[str, float] = {}
+    doc = score_to_result(task, deps, stages)
     if existing is not None and is_current(existing, doc.source.etag):
         return _already_done(task, deps.jobs, existing, name)
-    return write_once(task, deps.store, deps.jobs, doc, name, result_etag)
+    return write_once(task, deps.store, deps.jobs, doc, name, result_etag, stages)
 
 
 def _reject_unaddressable(task: ImageTask, deps: Dependencies, name: str, reason: str) -> ImageOutcome:
     source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
     error = PermanentError(RejectionCode.UNADDRESSABLE_NAME, f"no result can be written for this name: {reason}")
-    log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+    log.debug("rejected %s/%s: %s", task.container, task.blob, error.code)  # the task logs the outcome
     return write_once(task, deps.store, deps.jobs, rejected_result(task, source, deps.profile.name, error, {}), name,
                       None)
 
@@ -118,11 +125,13 @@ def give_up(task: ImageTask, store: BlobStore, jobs: JobStore, model: str, decis
 
 
 def write_once(
-    task: ImageTask, store: BlobStore, jobs: JobStore, doc: ResultDoc, name: str, result_etag: str | None
+    task: ImageTask, store: BlobStore, jobs: JobStore, doc: ResultDoc, name: str, result_etag: str | None,
+    stages: dict[str, float] | None = None,
 ) -> ImageOutcome:
     """The one way a result is written: create it (or replace exactly the stale version read), recognising a write
-    that beat ours, then count the image's outcome once."""
+    that beat ours, then count the image's outcome once. `stages`: timings the document does not keep (check)."""
     body, metadata = doc.to_json(), result_metadata(doc)
+    started = time.perf_counter()
     try:
         store.write_result(task.results_container, name, body, metadata, replaces_etag=result_etag)
     except ResultConflictError:
@@ -142,11 +151,13 @@ def write_once(
             raise ResultConflictError(f"{task.blob} changed again while it was scored") from None
         # A result of an older source version: replace exactly the version just read.
         store.write_result(task.results_container, name, body, metadata, replaces_etag=winner_etag)
+    upload_ms = _ms_since(started)
     jobs.record_outcome(task.job_id, task.index, task.blob, doc.status)
-    return ImageOutcome(doc.status, written=True, result_blob=name)
+    return ImageOutcome(doc.status, written=True, result_blob=name, code=doc.error.code if doc.error else None,
+                        timings_ms={**doc.timings_ms, **(stages or {}), "upload": upload_ms})
 
 
-def score_to_result(task: ImageTask, deps: Dependencies) -> ResultDoc:
+def score_to_result(task: ImageTask, deps: Dependencies, stages: dict[str, float] | None = None) -> ResultDoc:
     """Download the image, then score it (see score_bytes)."""
     timings: dict[str, float] = {}
     source = SourceRef(container=task.container, blob=task.blob, etag=task.etag, size=task.size)
@@ -155,10 +166,10 @@ def score_to_result(task: ImageTask, deps: Dependencies) -> ResultDoc:
         downloaded = deps.store.download(task.container, task.blob, deps.limits.max_image_bytes)
         timings["download"] = _ms_since(started)
     except PermanentError as error:
-        log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+        log.debug("rejected %s/%s: %s", task.container, task.blob, error.code)  # the task logs the outcome
         return rejected_result(task, source, deps.profile.name, error, timings)
     source = SourceRef(container=task.container, blob=task.blob, etag=downloaded.etag, size=downloaded.size)
-    return score_bytes(task, source, downloaded.data, deps.scorer, deps.profile, deps.limits, timings)
+    return score_bytes(task, source, downloaded.data, deps.scorer, deps.profile, deps.limits, timings, stages)
 
 
 def score_bytes(
@@ -169,19 +180,28 @@ def score_bytes(
     profile: ModelProfile,
     limits: Limits,
     timings: dict[str, float] | None = None,
+    stages: dict[str, float] | None = None,
 ) -> ResultDoc:
-    """Check and score one image's bytes; a PermanentError becomes a `rejected` result, anything else raises."""
+    """Check and score one image's bytes; a PermanentError becomes a `rejected` result, anything else raises.
+
+    The check's time goes to `stages` (when given), not into the document's `timings_ms`.
+    """
     timings = dict(timings or {})
+    started = time.perf_counter()
     try:
         facts = check_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
                             decode=limits.full_decode)
+        if stages is not None:
+            stages["check"] = _ms_since(started)
         shrunk = shrink_for_model(data, facts, limits.shrink_short_side) if limits.shrink_short_side else None
         started = time.perf_counter()
         outputs = scorer.predict(shrunk.data if shrunk else data)
         timings["score"] = _ms_since(started)
         prediction = postprocess(profile, outputs, (facts.width, facts.height), limits.postprocess)
     except PermanentError as error:
-        log.info("rejected %s/%s: %s", task.container, task.blob, error.code)
+        if stages is not None and "check" not in stages:
+            stages["check"] = _ms_since(started)  # the check rejected it
+        log.debug("rejected %s/%s: %s", task.container, task.blob, error.code)  # the task logs the outcome
         return rejected_result(task, source, profile.name, error, timings)
     doc = ok_result(task, source, profile.name, prediction, timings)
     if shrunk is None:

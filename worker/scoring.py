@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from worker import wire
+from worker import metrics, wire
 from worker.errors import ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.models.catalog import ModelProfile, get_profile
 from worker.protos.tf_serving_pb2 import GetModelMetadataRequest
@@ -80,6 +80,7 @@ def configuration_message(service: ServiceConfig, code: grpc.StatusCode, details
 
 def error_for_status(code: grpc.StatusCode, details: str, service: ServiceConfig | None = None) -> Exception:
     """Our error for a gRPC status: transient (retry), configuration (fix settings) or permanent (reject)."""
+    metrics.count_grpc_error(service.name if service else None, code.name)
     if code in OUTAGE_CODES:
         return ScoringUnavailableError(f"scoring service {code.name}: {details}")
     if code in TRANSIENT_CODES:

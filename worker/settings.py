@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     # can race kombu into stopping the whole worker ("'NoneType' object has no attribute 'hostname'"). Off unless
     # you watch workers with Flower.
     worker_remote_control: bool = False
+    # Prometheus metrics of each worker process at http://<metrics_host>:<metrics_port>/metrics (worker/metrics.py);
+    # off when unset. One port per process: give each process on one host its own.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"
+    # Log lines (worker/logs.py): readable text, or one JSON object per line for a log shipper; and from which level.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def service_config(self, name: str | None = None) -> ServiceConfig:
         """The named service (default: `service`), from the registry or, for the default, the scoring_* fields."""
@@ -131,6 +138,11 @@ class Settings(BaseSettings):
     def queue_for(self, service: str) -> str:
         """The queue of a service's tasks in this deployment."""
         return queue_name(self.queue, self.namespace_in_use, service)
+
+    @property
+    def queue_prefix(self) -> str:
+        """What every queue of this deployment starts with (then `.` and a service, or `:` and a role)."""
+        return f"{self.queue}.{self.namespace_in_use}"
 
     # Properties, not cached: model_copy() would carry a cached value over to a copy with another account.
     @property

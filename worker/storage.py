@@ -31,6 +31,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettin
 from azure.storage.blob._shared.response_handlers import process_storage_error
 from urllib3.util.retry import Retry
 
+from worker import metrics
 from worker.contracts import normalize_etag
 from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.results import ExistingResult, existing_from_metadata
@@ -42,6 +43,7 @@ JSON_CONTENT = ContentSettings(content_type="application/json")
 LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 30
+DOWNLOAD_BLOCK_BYTES = 256 * 1024
 # What the SDK's generated List Blobs operation maps these statuses to before its own error refinement.
 LISTING_ERROR_MAP: dict[int, type[HttpResponseError]] = {
     401: ClientAuthenticationError,
@@ -73,8 +75,11 @@ def _client_options(settings: Settings) -> dict[str, Any]:
     session = _session(max(10, settings.worker_concurrency), settings.blob_use_env_proxies)
     return {
         "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=2),
+        # Responses are read in blocks of this size: azure-core's 4 KB default made a 6 MB photo's download cost
+        # 27 ms of CPU against 11 ms at 256 KB (bench/README.md, the photo corpus profile).
         "transport": RequestsTransport(
-            session=session, session_owner=True, connection_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S
+            session=session, session_owner=True, connection_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+            connection_data_block_size=DOWNLOAD_BLOCK_BYTES,
         ),
     }
 
@@ -124,6 +129,7 @@ def _status_of(exc: BlobscoreError) -> int | None:
     return cause.status_code if isinstance(cause, HttpResponseError) else None
 
 
+@metrics.counts_blob_errors
 @contextmanager
 def _translated(what: str) -> Iterator[None]:
     try:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
+from celery.signals import setup_logging
+
+from worker import logs, metrics
 from worker.celery_app import create_app
 from worker.errors import BlobscoreError, ConfigurationError
 from worker.scoring import Scorer
@@ -52,32 +56,55 @@ def check_services(settings: Settings, names: list[str]) -> None:
 
 
 def worker_argv(settings: Settings, queues: list[str], concurrency: int | None = None) -> list[str]:
-    """Celery worker arguments: a thread pool, so one process shares its channels and its Blob client."""
+    """Celery worker arguments: a thread pool, so one process shares its channels and its Blob client.
+
+    With JSON logs Celery's start-up banner (printed, not logged) is left out: every line is then one JSON object.
+    """
     return [
+        *(["--quiet"] if settings.log_format == "json" else []),  # celery's own option, before the sub-command
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency or settings.worker_concurrency}",
         f"--queues={','.join(queues)}",
-        "--loglevel=INFO",
+        f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
     ]
 
 
+def _logging_is_ours(**_: Any) -> None:
+    """Celery's setup_logging signal: a receiver means Celery leaves the handlers and levels configured here alone
+    (it would otherwise add its own handler, in its own format, to its task logger)."""
+
+
+def serve_metrics(settings: Settings, concurrency: int | None = None) -> None:
+    """Start this process's metrics server when a port is configured (one per process: the threads share it)."""
+    metrics.CONCURRENCY.set(concurrency or settings.worker_concurrency)
+    if settings.metrics_port is None:
+        return
+    port = metrics.serve(settings.metrics_port, settings.metrics_host)
+    log.info("metrics at http://%s:%d/metrics", settings.metrics_host, port)
+
+
 def run_worker(
     settings: Settings, region: str | None = None, services: list[str] | None = None, concurrency: int | None = None
 ) -> None:
     """Run the worker in this process until it is told to stop."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # azure-core logs every request and its headers at INFO, Celery two lines per task: at millions of images
-    # that is most of the log and a share of the CPU. Failures, retries and rejections are still logged.
-    for noisy in ("azure", "celery.app.trace", "celery.worker.strategy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # One line per image outcome and per retry (worker/tasks.py); azure-core's line per request and Celery's two per
+    # task stay off (worker/logs.py NOISY_LOGGERS). BLOBSCORE_LOG_FORMAT=json: one JSON object per line.
+    logs.configure(settings.log_level, settings.log_format)
+    setup_logging.connect(_logging_is_ours, weak=False)
     names = services_to_consume(settings, region, services)
     check_services(settings, names)
-    queues = [settings.queue_for(name) for name in names]
+    serve_metrics(settings, concurrency)
+    # Every worker also takes its deployment's listing steps: the fleet carries each job's listing
+    # (producer/carrier.py). This entry point composes the worker process, as the CLI composes commands.
+    from producer.carrier import listing_queue, register_carrier
+
+    queues = [settings.queue_for(name) for name in names] + [listing_queue(settings)]
     app = create_app(settings, consumes=queues)
+    register_carrier(app, settings)
     app.worker_main(worker_argv(settings, queues, concurrency))
 
 
