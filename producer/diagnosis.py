@@ -22,19 +22,28 @@ def error_lines(status: JobStatus, errors: list[JobError]) -> list[str]:
     ]
 
 
-def problems(status: JobStatus, errors: list[JobError], presence: QueuePresence) -> list[str]:
+def problems(
+    status: JobStatus, errors: list[JobError], presence: QueuePresence, listing: QueuePresence | None = None
+) -> list[str]:
     """Every line worth showing for a job that is not done (pure)."""
     if status.state == "done":
         return []
+    lines = []
+    if status.state == "listing" and listing is not None and not listing.consumed:
+        lines.append(f"nothing is carrying the listing of this job (queue {listing.queue}): start a worker "
+                     "(`blobscore worker`) or `blobscore beat`")
     stall = describe_stall(presence, status.pending)
-    return [*([stall] if stall else []), *error_lines(status, errors)]
+    return [*lines, *([stall] if stall else []), *error_lines(status, errors)]
 
 
-def diagnose(jobs: JobStore, client: redis.Redis, key_prefix: str, queue: str, status: JobStatus) -> list[str]:
-    """Read the job's errors and its queue's presence, then say what holds it back (nothing when done)."""
+def diagnose(
+    jobs: JobStore, client: redis.Redis, key_prefix: str, queue: str, listing_queue: str, status: JobStatus
+) -> list[str]:
+    """Read the job's errors and its queues' presence, then say what holds it back (nothing when done)."""
     if status.state == "done":
         return []
-    return problems(status, jobs.errors(status.job_id), queue_presence(client, key_prefix, queue))
+    return problems(status, jobs.errors(status.job_id), queue_presence(client, key_prefix, queue),
+                    queue_presence(client, key_prefix, listing_queue))
 
 
 def _clock(timestamp: float) -> str:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from producer.listing import DEFAULT_RESULTS_ROOT, current_results, needs_scoring, select_images
+from producer.listing import (
+    DEFAULT_RESULTS_ROOT,
+    ResultsCursor,
+    ResultsPage,
+    needs_scoring,
+    results_for_page,
+    select_images,
+)
 from worker.contracts import ImageTask
 from worker.deployment import Deployment
 from worker.jobs import JobSpec, JobStore
@@ -54,7 +61,7 @@ def task_for(job_id: str, index: int, spec: JobSpec, blob: ListedBlob, origin: D
 
 
 def wanted_on_page(
-    page: ListingPage, spec: JobSpec, results: dict[str, ExistingResult], exclude: Collection[str]
+    page: ListingPage, spec: JobSpec, results: Mapping[str, ExistingResult], exclude: Collection[str]
 ) -> tuple[list[ListedBlob], int]:
     """The page's images that need scoring, and how many were skipped because their result is current."""
     wanted, skipped = [], 0
@@ -81,9 +88,9 @@ class _Window:
 
 def count_only(store: BlobStore, spec: JobSpec, options: EnqueueOptions) -> EnqueueReport:
     """A dry run: how many images a job would queue and skip."""
-    results = _results(store, spec)
-    listed = skipped = 0
+    cursor, listed, skipped = ResultsCursor(), 0, 0
     for page in store.list_pages(spec.container, spec.prefix, None, options.page_size):
+        results, cursor = page_results(store, spec, page, cursor)
         wanted, page_skipped = wanted_on_page(page, spec, results, options.exclude)
         listed, skipped = listed + len(wanted), skipped + page_skipped
     return EnqueueReport(None, listed if options.limit is None else min(listed, options.limit), skipped)
@@ -98,7 +105,8 @@ def enqueue(
 
 
 def run_listing(
-    store: BlobStore, jobs: JobStore, publish: Publish, job_id: str, options: EnqueueOptions
+    store: BlobStore, jobs: JobStore, publish: Publish, job_id: str, options: EnqueueOptions,
+    on_page: Callable[[int, int], None] | None = None,
 ) -> EnqueueReport:
     """List (from where the job's listing stopped) and publish page by page, within the window.
 
@@ -108,10 +116,10 @@ def run_listing(
     spec, progress, origin = jobs.spec(job_id), jobs.progress(job_id), jobs.origin(job_id)
     if progress.done:
         return EnqueueReport(job_id, progress.next_index, 0)
-    results = _results(store, spec)
     window = _Window(jobs, job_id, options.window)
-    index, page_no, skipped = progress.next_index, progress.next_page, 0
+    index, page_no, skipped, cursor = progress.next_index, progress.next_page, 0, ResultsCursor()
     for page in store.list_pages(spec.container, spec.prefix, progress.continuation, options.page_size):
+        results, cursor = page_results(store, spec, page, cursor)
         wanted, page_skipped = wanted_on_page(page, spec, results, options.exclude)
         wanted = wanted[: _room(options.limit, index)]
         skipped += page_skipped
@@ -121,6 +129,8 @@ def run_listing(
             publish([task_for(job_id, index + offset, spec, blob, origin) for offset, blob in enumerate(wanted)])
             index, page_no = index + len(wanted), page_no + 1
         jobs.advance(job_id, page.continuation, index, page_no)
+        if on_page is not None:
+            on_page(index, page_no)
         if _room(options.limit, index) == 0:
             break
     jobs.finish_listing(job_id)
@@ -131,6 +141,13 @@ def _room(limit: int | None, index: int) -> int | None:
     return None if limit is None else max(limit - index, 0)
 
 
-def _results(store: BlobStore, spec: JobSpec) -> dict[str, ExistingResult]:
-    # One listing of the results prefix, not one request per image.
-    return current_results(store.list_metadata(spec.results_container, spec.results_prefix), spec.results_prefix)
+def page_results(
+    store: BlobStore, spec: JobSpec, page: ListingPage, cursor: ResultsCursor
+) -> tuple[dict[str, ExistingResult], ResultsCursor]:
+    """The stored results of a page's images, merged with the results listing (never all results at once)."""
+    names = [blob.name for blob in select_images(page.blobs, excluded_prefixes(spec))]
+
+    def read(continuation: str | None) -> ResultsPage:
+        return store.metadata_page(spec.results_container, spec.results_prefix, continuation)
+
+    return results_for_page(names, cursor, spec.results_prefix, read)

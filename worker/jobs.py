@@ -6,9 +6,9 @@ import json
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -42,6 +42,14 @@ end
 if tonumber(redis.call('HGET', KEYS[1], 'pages') or '0') < tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'pages', ARGV[2])
 end
+return 1
+"""
+
+
+# Compare-and-set of the listing step generation: of several step messages of one generation, one moves on.
+_BUMP_GENERATION = """
+if tonumber(redis.call('HGET', KEYS[1], 'listing_gen') or '0') ~= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'listing_gen', tonumber(ARGV[1]) + 1)
 return 1
 """
 
@@ -124,6 +132,7 @@ class JobStore:
         self._prefix = f"{key_prefix}job:"
         self._record_outcome = client.register_script(_RECORD_OUTCOME)
         self._record_page = client.register_script(_RECORD_PAGE)
+        self._bump_generation = client.register_script(_BUMP_GENERATION)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str) -> JobStore:
@@ -144,8 +153,11 @@ class JobStore:
         """The Redis client underneath (for reads next to the job's, such as queue presence)."""
         return self._redis
 
-    def create(self, spec: JobSpec, origin: Deployment, job_id: str | None = None) -> str:
-        """Record a new job of deployment `origin` in the `listing` state and return its id."""
+    def create(
+        self, spec: JobSpec, origin: Deployment, job_id: str | None = None, extra: Mapping[Any, Any] = {}
+    ) -> str:
+        """Record a new job of deployment `origin` in the `listing` state and return its id; `extra` fields are the
+        listing carrier's (window, limit, page size)."""
         job_id = job_id or new_job_id()
         with translated(f"create job {job_id}"):
             self._redis.hset(
@@ -156,7 +168,7 @@ class JobStore:
                     "namespace": origin.namespace, "account": origin.account.name,
                     "endpoint": origin.account.endpoint,
                     "listed": 0, "ok": 0, "rejected": 0, "pages": 0, "next_index": 0, "next_page": 0,
-                    "continuation": "", "listing_done": 0, "created_at": time.time(),
+                    "continuation": "", "listing_done": 0, "created_at": time.time(), "listing_gen": 0, **extra,
                 },
             )
         return job_id
@@ -193,13 +205,41 @@ class JobStore:
                 args=[first_index + len(names), page + 1, pack_names(names)],
             )
 
-    def advance(self, job_id: str, continuation: str | None, next_index: int, next_page: int) -> None:
-        """The pages so far are published: a resumed listing continues after them."""
+    def advance(
+        self, job_id: str, continuation: str | None, next_index: int, next_page: int,
+        extra: Mapping[Any, Any] = {},
+    ) -> None:
+        """The pages so far are published: a resumed listing continues after them (with `extra` carrier state, in
+        the same write, so the two never disagree after a crash)."""
         with translated(f"advance job {job_id}"):
             self._redis.hset(
                 self._key(job_id),
-                mapping={"continuation": continuation or "", "next_index": next_index, "next_page": next_page},
+                mapping={"continuation": continuation or "", "next_index": next_index, "next_page": next_page,
+                         **extra},
             )
+
+    def fields(self, job_id: str) -> dict[str, str]:
+        """The job record as stored (for the listing carrier's own fields)."""
+        return self._record(job_id)
+
+    def bump_listing_generation(self, job_id: str, expected: int) -> bool:
+        """Move the listing to the next step if it is still at `expected` (one carrier chain per job survives)."""
+        with translated(f"advance the listing of job {job_id}"):
+            return bool(self._bump_generation(keys=[self._key(job_id)], args=[expected]))
+
+    def exclude(self, job_id: str, names: Collection[str]) -> None:
+        """Names the listing must not queue (a scheduled run's images still in flight from earlier runs)."""
+        if names:
+            with translated(f"record exclusions of job {job_id}"):
+                self._redis.sadd(self._key(job_id, "exclude"), *names)
+
+    def excluded(self, job_id: str, names: list[str]) -> set[str]:
+        """Which of `names` the listing must not queue."""
+        if not names:
+            return set()
+        with translated(f"read exclusions of job {job_id}"):
+            flags = self._redis.smismember(self._key(job_id, "exclude"), names)
+        return {name for name, flag in zip(names, flags, strict=True) if flag}
 
     def finish_listing(self, job_id: str) -> None:
         """Mark the listing complete: from now on the job can become `done`."""
@@ -295,6 +335,10 @@ class JobStore:
             for offset, name in enumerate(names):
                 if bits is None or bit_is_set(bits, first + offset):
                     yield name
+
+    def key_of(self, job_id: str) -> str:
+        """The job record's Redis key (companions such as the listing step's lock live next to it)."""
+        return self._key(job_id)
 
     def _key(self, job_id: str, part: str | None = None) -> str:
         return f"{self._prefix}{job_id}" if part is None else f"{self._prefix}{job_id}:{part}"

@@ -11,6 +11,7 @@ writes are still create-only, so nothing is doubled.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -30,6 +31,12 @@ LEASE_TTL_S = 15
 UNACKED_KEY = "unacked"
 # Only one live process reclaims a given dead worker at a time.
 REAPING_TTL_S = 60
+# kombu's index of unacknowledged messages by delivery time (its `unacked_index_key`).
+UNACKED_INDEX_KEY = "unacked_index"
+# A message unacknowledged this long that no live worker says it holds is an orphan (see reclaim_orphans); one
+# sweep per deployment at most this often.
+ORPHAN_AGE_S = 10.0
+ORPHAN_SWEEP_S = 5.0
 # The lease is renewed this often, and newly received tags are published at most this long after they arrive (a
 # worker killed sooner than that leaves those few to the visibility timeout); a few Redis calls a second at most.
 RENEW_S = 5.0
@@ -185,6 +192,52 @@ def reclaim_dead(app: Any, client: redis.Redis, broker: redis.Redis, prefix: str
     return restored
 
 
+def reclaim(app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, queue_prefix: str, me: str) -> int:
+    """Requeue what dead workers held: those whose lease expired, and orphans no live worker holds."""
+    return reclaim_dead(app, client, broker, prefix, me) + reclaim_orphans(app, client, broker, prefix,
+                                                                          queue_prefix, me)
+
+
+def reclaim_orphans(app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, queue_prefix: str,
+                    me: str) -> int:
+    """Requeue this deployment's unacknowledged messages that no live worker holds (older than ORPHAN_AGE_S).
+
+    A live worker publishes what it holds within half a second, so such a message belonged to a worker that died
+    before it could say so — the gap `reclaim_dead` leaves. One process of the deployment sweeps at a time; only
+    messages of its own queues (`queue_prefix`) are looked at: the unacked hash is shared by everything on the
+    broker.
+    """
+    if not client.set(f"{prefix}orphan-sweep", me, nx=True, ex=int(ORPHAN_SWEEP_S)):
+        return 0
+    old = [str(tag) for tag in broker.zrangebyscore(UNACKED_INDEX_KEY, 0, time.time() - ORPHAN_AGE_S)]
+    if not old:
+        return 0
+    live = [worker for worker in _registered(client, prefix) if client.exists(lease_key(prefix, worker))]
+    held: set[str] = set()
+    for worker in live:
+        held.update(str(tag) for tag in client.smembers(held_key(prefix, worker)))
+    candidates = [tag for tag in old if tag not in held]
+    orphans = [tag for tag, entry in zip(candidates, broker.hmget(UNACKED_KEY, candidates) if candidates else [],
+                                         strict=True) if entry and _is_ours(entry, queue_prefix)]
+    restored = _restore(app, broker, orphans)
+    if restored:
+        log.warning("%d unacknowledged images held by no live worker (one died before it could say so) requeued",
+                    restored)
+    return restored
+
+
+def _registered(client: redis.Redis, prefix: str) -> list[str]:
+    return [str(worker) for worker in client.smembers(workers_key(prefix))]
+
+
+def _is_ours(entry: str | bytes, queue_prefix: str) -> bool:
+    try:
+        routing_key = str(json.loads(entry)[2])
+    except (ValueError, IndexError, TypeError):
+        return False
+    return routing_key.startswith((f"{queue_prefix}.", f"{queue_prefix}:"))
+
+
 def _restore(app: Any, broker: redis.Redis, tags: list[str]) -> int:
     present = [tag for tag in tags if broker.hexists(UNACKED_KEY, tag)]
     if not present:
@@ -202,16 +255,17 @@ class Reclaimer(threading.Thread):
     """For processes with no lease of their own (`blobscore beat`): reclaim dead workers' images every few seconds,
     so that scale-to-zero or the loss of every worker never strands an unacknowledged image."""
 
-    def __init__(self, app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, every_s: float) -> None:
+    def __init__(self, app: Any, client: redis.Redis, broker: redis.Redis, prefix: str, queue_prefix: str,
+                 every_s: float) -> None:
         super().__init__(name="blobscore-reclaimer", daemon=True)
-        self._args = (app, client, broker, prefix, f"reclaimer-{new_worker_id()}")
+        self._args = (app, client, broker, prefix, queue_prefix, f"reclaimer-{new_worker_id()}")
         self._every_s = every_s
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                reclaim_dead(*self._args)
+                reclaim(*self._args)
             except Exception as exc:  # Redis restarting: try again on the next round
                 log.warning("reclaiming dead workers' images failed: %s", exc)
             self._stop_event.wait(self._every_s)

@@ -14,6 +14,7 @@ from celery.beat import Service
 from celery.signals import beat_init, worker_ready, worker_shutdown, worker_shutting_down
 from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, RedBeatScheduler, acquire_distributed_beat_lock, get_redis
 
+from producer.carrier import listing_queue, register_carrier
 from producer.scheduling.app import BEAT_MAX_LOOP_INTERVAL_S, BeatEntry, schedules_app, schedules_queue
 from producer.scheduling.run import register_scheduled_run
 from producer.scheduling.spec import ScheduleSpec, check_service
@@ -119,7 +120,7 @@ def beat_worker_argv(settings: Settings, concurrency: int) -> list[str]:
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency}",
-        f"--queues={schedules_queue(settings)}",
+        f"--queues={schedules_queue(settings)},{listing_queue(settings)}",
         f"--hostname=beat-{os.getpid()}@%h",
         "--loglevel=INFO",
         "--without-gossip",
@@ -147,13 +148,14 @@ def run_beat(settings: Settings, config_schedules: Mapping[str, ScheduleSpec] | 
     finally:
         store.close()
     resources = register_scheduled_run(app, settings)
+    register_carrier(app, settings)  # beat always runs: listings go on when every worker is scaled away
     # The lock is taken in the beat loop (LockedRedBeatScheduler), never by redbeat's blocking handler.
     beat_init.disconnect(acquire_distributed_beat_lock)
     beat = BeatThread(app)
     # Beat always runs (two replicas), so it also gives dead workers' images back: with every worker gone (scaled to
     # zero, a lost node) nothing waits for the visibility timeout.
     reclaimer = Reclaimer(app, open_redis(settings.jobs_url), open_redis(settings.broker_url), settings.key_prefix,
-                          HEARTBEAT_S)
+                          settings.queue_prefix, HEARTBEAT_S)
 
     def start_beat(**_: Any) -> None:
         if not beat.is_alive():

@@ -254,7 +254,7 @@ class FaultJob:
         self._azurite_log_offset = _size(self.azurite_log)
         self._calls_before = self.scorer_calls(since_enqueue=False)
         self.enqueued_at = time.monotonic()
-        report = run_cli_json(self.env, self.workdir, "enqueue", "--container", self.container, *args)
+        report = run_cli_json(self.env, self.workdir, "enqueue", "--wait", "--container", self.container, *args)
         self.job_id = report["job_id"]
         self.listed = int(report["listed"])
         return report

@@ -159,7 +159,7 @@ def test_a_foreign_task_is_handed_back_untouched_and_not_lost(two_stacks: list[S
     _fill(b, container, names, 50)
     broker = redis.Redis.from_url(redis_url)
     # B's job is queued while no worker of B runs.
-    job_b = run_cli_json(b.env, b.workdir, "enqueue", "--container", container)["job_id"]
+    job_b = run_cli_json(b.env, b.workdir, "enqueue", "--wait", "--container", container)["job_id"]
     assert broker.llen(b.queue) == 3
     # One of B's messages is moved onto A's queue by hand, then A's worker starts.
     moved = broker.rpoplpush(b.queue, a.queue)

@@ -117,9 +117,9 @@ def test_cli_resume_of_a_finished_listing_queues_nothing(
     settings, *_ = _parts(tmp_path, redis_url, azurite, photos_container)
     env = blobscore_env(broker_url=redis_url, connection_string=azurite.connection_string, scoring_port=1,
                         key="k", service_name=SERVICE, extra={"BLOBSCORE_QUEUE": settings.queue})
-    first = run_cli_json(env, tmp_path, "enqueue", "--container", photos_container, "--limit", "12")
+    first = run_cli_json(env, tmp_path, "enqueue", "--wait", "--container", photos_container, "--limit", "12")
     assert first["listed"] == 12
-    again = run_cli_json(env, tmp_path, "enqueue", "--resume", first["job_id"])
+    again = run_cli_json(env, tmp_path, "enqueue", "--wait", "--resume", first["job_id"])
     assert again == {**first, "skipped_current": 0}
     client = redis.Redis.from_url(redis_url)
     assert client.llen(settings.queue_for(SERVICE)) == 12

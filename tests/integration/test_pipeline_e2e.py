@@ -60,7 +60,7 @@ def scored_container(
                         scoring_port=port, key=KEY, service_name=SERVICE)
     worker = start_worker(env, workdir / "worker.log")
     try:
-        enqueued = run_cli_json(env, workdir, "enqueue", "--container", container_name)
+        enqueued = run_cli_json(env, workdir, "enqueue", "--wait", "--container", container_name)
         status = wait_until_done(env, workdir, enqueued["job_id"])
         yield {"env": env, "cwd": workdir, "job": enqueued, "status": status, "photos": photos,
                "stats_file": stats_file, "container": container_name, "worker": worker}
@@ -105,7 +105,7 @@ def test_enqueueing_again_writes_nothing_and_scores_nothing(
     env, cwd, container = scored_container["env"], scored_container["cwd"], scored_container["container"]
     before = {b.name: b.etag for b in blob_service.get_container_client(container).list_blobs(RESULTS)}
     calls_before = read_stats(scored_container["stats_file"])["predict_calls"]
-    again = run_cli_json(env, cwd, "enqueue", "--container", container)
+    again = run_cli_json(env, cwd, "enqueue", "--wait", "--container", container)
     assert again["listed"] == 0
     assert again["skipped_current"] == len(before)
     assert wait_until_done(env, cwd, again["job_id"])["state"] == "done"

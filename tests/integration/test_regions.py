@@ -126,8 +126,8 @@ def test_each_service_is_scored_only_by_its_regions_worker_with_its_key(
     eastus: ManagedProcess | None = None
     try:
         # Both jobs queued while only westeurope's worker runs: B's is scored, A's waits on A's queue untouched.
-        job_a = run_cli_json(env, tmp_path, "enqueue", "--container", container, "--service", a.service)
-        job_b = run_cli_json(env, tmp_path, "enqueue", "--container", container, "--service", b.service)
+        job_a = run_cli_json(env, tmp_path, "enqueue", "--wait", "--container", container, "--service", a.service)
+        job_b = run_cli_json(env, tmp_path, "enqueue", "--wait", "--container", container, "--service", b.service)
         assert job_a["listed"] == job_b["listed"] == IMAGES
         assert wait_until_done(env, tmp_path, job_b["job_id"], timeout=60)["ok"] == IMAGES
         assert run_cli_json(env, tmp_path, "status", job_a["job_id"])["pending"] == IMAGES

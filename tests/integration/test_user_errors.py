@@ -82,8 +82,9 @@ def test_a_rotated_key_and_a_missing_worker_show_in_status(
                         key="old-key", service_name=SERVICE)
     # No worker yet: status says so instead of waiting in silence.
     job = run_cli_json(env, tmp_path, "enqueue", "--container", container)["job_id"]
-    line = _wait_for_problem(env, tmp_path, job, "no worker has ever consumed queue")
+    line = _wait_for_problem(env, tmp_path, job, "nothing is carrying the listing")
     assert "blobscore worker" in line
+    assert _status(env, tmp_path, job)["state"] == "listing"
     worker = start_worker(env, tmp_path / "worker.log", concurrency=2)
     try:
         assert _wait_until(lambda: _status(env, tmp_path, job)["state"] == "done", 30)

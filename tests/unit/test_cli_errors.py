@@ -119,3 +119,12 @@ def _clock(timestamp: float) -> str:
     import time
 
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def test_a_listing_nobody_carries_says_so() -> None:
+    never = QueuePresence("blobscore.ns:listing", worker_seen_s=None, task_taken_s=None)
+    alive = QueuePresence("blobscore.ns:listing", worker_seen_s=1.0, task_taken_s=1.0)
+    idle = QueuePresence("blobscore.ns.eastus", worker_seen_s=1.0, task_taken_s=None)
+    listing = _status(0, 0, "listing")
+    assert "nothing is carrying the listing" in problems(listing, [], idle, never)[0]
+    assert problems(listing, [], idle, alive) == []
