@@ -3,6 +3,13 @@
     .venv/bin/python bench/pipeline.py --quick          # ~3 minutes on 2 cores
     .venv/bin/python bench/pipeline.py                  # the full matrix, ~10 minutes on 2 cores
     .venv/bin/python bench/pipeline.py --latencies 60 --processes 1 --inflight 32 --skip-redis-job
+    .venv/bin/python bench/pipeline.py --corpus photos --latencies 60 --processes 1 --inflight 32 --skip-redis-job
+
+Two corpora, uploaded once and read by every scenario (--corpus photos|tiny|both, default both):
+ * photos — the main scenario: camera-sized JPEGs (bench/photo_corpus.py: 1.2-12 MP, 0.11-6 MB, mean ~1.1 MB,
+   seeded, cached under ~/.cache/blobscore/bench-photos), every photo scenario scores all --photos of them;
+ * tiny — ~3.5 KB crops of the sample photos, as earlier runs used: only the per-call costs, comparable with
+   the earlier figures; n = min(--images, max(200, 20·P·C)) per scenario.
 
 Not a test: the suite never runs it. It drives the product only through its public entry points — `python -m
 worker` and `python -m producer.cli enqueue|status` processes with BLOBSCORE_* environment — so it measures whatever
@@ -10,7 +17,7 @@ the code is when it runs. Everything it starts is private and on 127.0.0.1: a Re
 persistence), an in-memory Azurite, one stand-in scorer per latency (`--no-model --emulate-latency-ms N`, enough
 `--workers` never to be the bottleneck), and, for the 200,000-image job, a synthetic Blob listing endpoint.
 
-Per worker scenario (scorer latency L ms, P worker processes, C images in flight per process):
+Per worker scenario (corpus, scorer latency L ms, P worker processes, C images in flight per process):
  1. `blobscore enqueue --limit n --results-container <fresh> --results-prefix <scenario>/ --json` with no worker
     running (the queue is prefilled: its messages map Celery task ids to blobs, and start-up to first task is
     measured the way a scaled-up worker meets a waiting queue);
@@ -35,10 +42,13 @@ cutime+cstime and live descendants):
  * worker_rss_mb — the largest VmHWM (peak resident set) of the worker processes.
  * worker_startup_s — process launch to its `ready.` log line (its timestamp), the slowest process.
  * enqueue_cli_s — wall time of the enqueue command for n images (interpreter start included).
- * handwritten_images_per_s — bench/handwritten_threads.py, P processes × C threads, same n images, same stack,
-   run right after; baseline_images_per_s — bench/baseline_loop.py (one image at a time) at the same latency;
-   speedup_vs_baseline = images_per_s / baseline_images_per_s; vs_handwritten = images_per_s /
-   handwritten_images_per_s.
+ * handwritten_images_per_s / _cpu_ms_per_image / _rss_mb — bench/handwritten_threads.py, P processes × C
+   threads, same n images, same stack, run right after; handwritten_azurite_/_standin_cpu_ms_per_image: the rest
+   of the stack over that run; handwritten_stderr_lines: lines the loop printed to stderr (a user would see them).
+   baseline_images_per_s — bench/baseline_loop.py (one image at a time) on the same corpus at the same latency;
+   speedup_vs_baseline = images_per_s / baseline_images_per_s. The two ratios against the threaded loop:
+   vs_handwritten = images_per_s / handwritten_images_per_s (> 1: blobscore is faster) and cpu_vs_handwritten
+   = worker_cpu_ms_per_image / handwritten_cpu_ms_per_image (> 1: blobscore spends more CPU per image).
  * standin_/azurite_/redis_cpu_ms_per_image — what the rest of the stack spent over the same interval.
 
 The Redis-memory scenario queues a job of --redis-job-images generated names through the real `enqueue` command
@@ -57,6 +67,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import http.server
 import inspect
 import io
@@ -72,7 +83,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -80,18 +91,25 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from azure.core.exceptions import ResourceExistsError
 from azure.storage.blob import BlobServiceClient, ContentSettings
+from photo_corpus import distribution, photo_corpus
 from PIL import Image
 
 from deploy.local.azurite import connection_string, start_azurite
 from deploy.local.procs import ManagedProcess, free_port
 from deploy.local.redis_local import start_redis
+from worker.jobs import JobStore
+from worker.settings import Settings
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 KEY = "bench-key-not-a-secret"
 SERVICE = "bench"
 SOURCE = "bench-src"
+TINY_PREFIX = "img/"  # the tiny crops (small_jpegs), under the prefix earlier runs used
+PHOTO_PREFIX = "photo/"  # the camera-sized photos (bench/photo_corpus.py)
+CORPUS_PREFIX = {"tiny": TINY_PREFIX, "photos": PHOTO_PREFIX}
 SYNTH_CONTAINER = "synth"
 SYNTH_RESULTS = "synth-results"
 SYNTH_LISTING = "synth-listing"  # a smaller synthetic container, for the listing rate
@@ -297,6 +315,22 @@ def blobscore_env(stack: Stack, scoring_port: int, queue: str, **extra: str) -> 
     }
 
 
+def settings_for(env: dict[str, str]) -> Settings:
+    """The Settings a worker or command builds from `env` (they run where there is no config file).
+
+    The deployment's Redis keys and queue names carry a namespace derived from the storage account: the job store
+    and the queue's list key must come from the same settings, not be spelled out here.
+    """
+    values = {key.removeprefix("BLOBSCORE_").lower(): value for key, value in env.items()
+              if key.startswith("BLOBSCORE_")}
+    return Settings(**values)
+
+
+def job_store(env: dict[str, str]) -> JobStore:
+    """The job records of the deployment `env` configures."""
+    return JobStore.from_settings(settings_for(env))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Images
 
@@ -323,29 +357,60 @@ def small_jpegs(count: int, seed: int = 7) -> Iterator[bytes]:
         yield out.getvalue()
 
 
-def upload_images(stack: Stack, count: int) -> dict[str, Any]:
-    """Upload `count` JPEGs as bench-src/img/NNNNNN.jpg; returns how long it took and their sizes."""
+def _upload_all(stack: Stack, prefix: str, items: Iterable[bytes]) -> tuple[list[int], float]:
+    """Upload every item as bench-src/<prefix>NNNNNN.jpg (8 at a time); their sizes and the seconds it took."""
     service = stack.blob_service()
-    service.create_container(SOURCE)
+    with contextlib.suppress(ResourceExistsError):  # the other corpus created it
+        service.create_container(SOURCE)
     container = service.get_container_client(SOURCE)
     jpeg = ContentSettings(content_type="image/jpeg")
     started = time.perf_counter()
-    sizes = []
+    sizes: list[int] = []
 
-    def put(item: tuple[int, bytes]) -> None:
-        container.upload_blob(f"img/{item[0]:06d}.jpg", item[1], overwrite=True, content_settings=jpeg)
+    def put(index: int, data: bytes) -> None:
+        container.upload_blob(f"{prefix}{index:06d}.jpg", data, overwrite=True, content_settings=jpeg)
 
+    futures = []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for index, data in enumerate(small_jpegs(count)):
+        for index, data in enumerate(items):
             sizes.append(len(data))
-            pool.submit(put, (index, data))
+            futures.append(pool.submit(put, index, data))
+    for future in futures:
+        future.result()  # a failed upload fails the run here rather than as a short corpus later
     service.close()
-    return {"images": count, "upload_s": r3(time.perf_counter() - started),
-            "image_bytes_mean": round(statistics.mean(sizes)), "image_bytes_max": max(sizes)}
+    return sizes, time.perf_counter() - started
+
+
+def upload_images(stack: Stack, count: int) -> dict[str, Any]:
+    """Upload `count` tiny JPEGs as bench-src/img/NNNNNN.jpg; returns how long it took and their sizes."""
+    sizes, seconds = _upload_all(stack, TINY_PREFIX, small_jpegs(count))
+    return {"images": count, "upload_s": r3(seconds), "image_bytes_mean": round(statistics.mean(sizes)),
+            "image_bytes_max": max(sizes)}
+
+
+def upload_photos(stack: Stack, count: int, seed: int, cache_dir: Path | None) -> dict[str, Any]:
+    """Upload the photo corpus (bench/photo_corpus.py, generated once and cached) as bench-src/photo/NNNNNN.jpg."""
+    photos = photo_corpus(count, seed, cache_dir)
+    _, seconds = _upload_all(stack, PHOTO_PREFIX, (photo.path.read_bytes() for photo in photos))
+    return {"photos_upload_s": r3(seconds), "photos_seed": seed, "photos_directory": str(photos[0].path.parent),
+            "photo_corpus": distribution(photos)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Commands and worker logs
+
+
+@functools.cache
+def listing_in_process() -> tuple[str, ...]:
+    """The `enqueue` flag that has the command list and queue every image itself before it returns.
+
+    Where the fleet carries a job's listing, `enqueue` returns at once unless given --wait; the scenarios need the
+    queue prefilled before any worker starts, and the Redis job measures the command's own listing. A version
+    without the flag always lists in process.
+    """
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "enqueue", "--help"], env=_clean_environ(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    return ("--wait",) if "--wait" in done.stdout else ()
 
 
 def run_cli(env: dict[str, str], cwd: Path, *args: str, timeout: float = 600) -> tuple[dict[str, Any], float]:
@@ -480,12 +545,10 @@ def start_workers(env: dict[str, str], count: int, concurrency: int, logs: Path,
 
 
 def wait_until_done(
-    redis_url: str, job_id: str, timeout: float
+    env: dict[str, str], job_id: str, timeout: float
 ) -> tuple[float, list[tuple[float, int]], dict[str, Any]]:
     """Poll JobStore.status every 50 ms until the job is done: (done time, (time, finished) samples, last status)."""
-    from worker.jobs import JobStore
-
-    jobs = JobStore.from_url(redis_url)
+    jobs = job_store(env)
     progress: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout
     try:
@@ -524,11 +587,17 @@ class Scenario:
     processes: int
     inflight: int
     images: int
+    corpus: str = "tiny"
 
     @property
     def name(self) -> str:
         """A short id, also the results prefix."""
-        return f"lat{self.latency_ms:g}-p{self.processes}-c{self.inflight}"
+        return f"{self.corpus}-lat{self.latency_ms:g}-p{self.processes}-c{self.inflight}"
+
+    @property
+    def prefix(self) -> str:
+        """Where its corpus is in the source container."""
+        return CORPUS_PREFIX[self.corpus]
 
 
 def read_docs(stack: Stack, container: str, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -569,21 +638,21 @@ def run_worker_scenario(stack: Stack, scenario: Scenario, index: int, latency_sa
     service.close()
     client = stack.redis()
     client.flushdb()
-    out: dict[str, Any] = {"scenario": scenario.name, "scorer_latency_ms": scenario.latency_ms,
-                           "worker_processes": scenario.processes, "inflight_per_process": scenario.inflight,
-                           "images": scenario.images}
+    out: dict[str, Any] = {"scenario": scenario.name, "corpus": scenario.corpus,
+                           "scorer_latency_ms": scenario.latency_ms, "worker_processes": scenario.processes,
+                           "inflight_per_process": scenario.inflight, "images": scenario.images}
     with RedisMemorySampler(stack.redis_url) as memory:
         idle = memory.used()
-        enqueued, enqueue_wall = run_cli(env, logs, "enqueue", "--container", SOURCE, "--prefix", "img/",
-                                         "--results-container", results_container, "--results-prefix", prefix,
-                                         "--limit", str(scenario.images))
+        enqueued, enqueue_wall = run_cli(env, logs, "enqueue", *listing_in_process(), "--container", SOURCE,
+                                         "--prefix", scenario.prefix, "--results-container", results_container,
+                                         "--results-prefix", prefix, "--limit", str(scenario.images))
         job_id, listed = enqueued["job_id"], int(enqueued["listed"])
         _, tasks = queued_tasks(client, queue)
         others = {"standin": standin.pid, "azurite": stack.azurite.pid, "redis": stack.redis_proc.pid}
         workers = start_workers(env, scenario.processes, scenario.inflight, logs, scenario.name)
         others_cpu = {name: cpu_s(pid) for name, pid in others.items()}
         first_ready = min(run.ready_at or 0 for run in workers)
-        done_at, progress, final = wait_until_done(stack.redis_url, job_id, timeout=max(180, listed / 3))
+        done_at, progress, final = wait_until_done(env, job_id, timeout=max(180, listed / 3))
         worker_cpu = sum(cpu_s(run.process.pid) - run.cpu_at_ready for run in workers)
         others_cpu = {name: cpu_s(pid) - others_cpu[name] for name, pid in others.items()}
         rss_kb = [status_kb(run.process.pid, "VmHWM") for run in workers]
@@ -660,34 +729,44 @@ def _latency_figures(
 
 
 def run_loop(stack: Stack, script: str, latency_ms: float, images: int, processes: int, threads: int | None,
-             tag: str) -> dict[str, Any]:
+             tag: str, prefix: str = TINY_PREFIX) -> dict[str, Any]:
     """Run the plain or the threaded loop (P processes, one shard each) over the first `images` images."""
-    _, port = stack.standins[latency_ms]
+    standin, port = stack.standins[latency_ms]
     container = f"loop-{tag}"
     service = stack.blob_service()
     service.create_container(container)
     service.close()
     env = blobscore_env(stack, port, "unused")
-    argv = [sys.executable, str(BENCH / script), "--container", SOURCE, "--prefix", "img/",
+    argv = [sys.executable, str(BENCH / script), "--container", SOURCE, "--prefix", prefix,
             "--results-container", container, "--results-prefix", f"{tag}/", "--address", f"127.0.0.1:{port}",
             "--service-name", SERVICE, "--limit", str(images), "--shards", str(processes)]
     if threads is not None:
         argv += ["--threads", str(threads)]
+    # The rest of the stack over the loop's run (its start-up and listing included, a few ms of Azurite).
+    others = {"standin": standin.pid, "azurite": stack.azurite.pid}
+    others_before = {name: cpu_s(pid) for name, pid in others.items()}
     launched = [subprocess.Popen([*argv, "--shard", str(shard)], env=env, cwd=stack.workdir,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for shard in range(processes)]
-    reports = []
-    for process in launched:
+    reports, warnings = [], 0
+    for shard, process in enumerate(launched):
         stdout, stderr = process.communicate(timeout=1800)
         if process.returncode != 0:
             raise RuntimeError(f"{script} failed:\n{stderr[-3000:]}")
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
+        # The loops print nothing else: any stderr line is what a user would see on the terminal (a warning, a
+        # thread's traceback). Kept in the logs.
+        warnings += sum(1 for line in stderr.splitlines() if line.strip())
+        (stack.workdir / "logs" / f"{tag}-{shard}.stderr").write_text(stderr)
+    others_cpu = {name: cpu_s(pid) - others_before[name] for name, pid in others.items()}
     delete_container(stack, container)
     total = sum(report["images"] for report in reports)
     elapsed = max(r["ended_at"] for r in reports) - min(r["started_at"] for r in reports)
     cpu_ms = sum(r["cpu_ms_per_image"] * r["images"] for r in reports) / total
     return {"images": total, "images_per_s": r3(total / elapsed), "elapsed_s": r3(elapsed),
-            "cpu_ms_per_image": r3(cpu_ms)}
+            "cpu_ms_per_image": r3(cpu_ms), "stderr_lines": warnings,
+            "rss_mb": max((r.get("rss_mb") or 0.0 for r in reports), default=None),
+            **{f"{name}_cpu_ms_per_image": r3(value * 1000 / total) for name, value in others_cpu.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -733,6 +812,9 @@ def serve_synthetic_listing(port: int, count: int) -> None:
             url = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
             container = url.path.strip("/").split("/")[-1]
+            if query.get("restype") == "container" and "comp" not in query:
+                self._container_properties(container)
+                return
             if query.get("comp") != "list":
                 self._reply(404, b"", {"x-ms-error-code": "BlobNotFound"})
                 return
@@ -742,7 +824,20 @@ def serve_synthetic_listing(port: int, count: int) -> None:
             self._reply(200, body, {"Content-Type": "application/xml"})
 
         def do_HEAD(self) -> None:
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query, keep_blank_values=True))
+            if query.get("restype") == "container":
+                self._container_properties(urllib.parse.urlsplit(self.path).path.strip("/").split("/")[-1])
+                return
             self._reply(404, b"", {"x-ms-error-code": "BlobNotFound"})
+
+        def _container_properties(self, container: str) -> None:
+            # The synthetic containers exist (the enqueue command may look before it lists); any other does not.
+            if container not in (SYNTH_CONTAINER, SYNTH_LISTING, SYNTH_RESULTS):
+                self._reply(404, b"", {"x-ms-error-code": "ContainerNotFound"})
+                return
+            self._reply(200, b"", {"ETag": '"0x8DC000000000000"', "Last-Modified": "Mon, 01 Jan 2024 00:00:00 GMT",
+                                   "x-ms-lease-status": "unlocked", "x-ms-lease-state": "available",
+                                   "x-ms-has-immutability-policy": "false", "x-ms-has-legal-hold": "false"})
 
         def _reply(self, code: int, body: bytes, headers: dict[str, str]) -> None:
             self.send_response(code)
@@ -757,7 +852,7 @@ def serve_synthetic_listing(port: int, count: int) -> None:
     server.serve_forever()
 
 
-def run_producer_on_azurite(stack: Stack) -> dict[str, Any]:
+def run_producer_on_azurite(stack: Stack, prefix: str = TINY_PREFIX) -> dict[str, Any]:
     """The enqueue command's listing rate over the uploaded images in Azurite (dry run, start-up subtracted)."""
     env = blobscore_env(stack, 1, "bench-dry")
     service = stack.blob_service()
@@ -766,9 +861,12 @@ def run_producer_on_azurite(stack: Stack) -> dict[str, Any]:
     logs = stack.workdir / "logs"
     common = ["enqueue", "--container", SOURCE, "--results-container", "res-dry", "--dry-run"]
     _, startup = run_cli(env, logs, *common, "--prefix", "nothing/")
-    dry, wall = run_cli(env, logs, *common, "--prefix", "img/")
+    dry, wall = run_cli(env, logs, *common, "--prefix", prefix)
+    listing_s = wall - startup
+    # A few hundred names list faster than the start-up time wobbles: no rate rather than a meaningless one.
+    rate = r3(int(dry["listed"]) / listing_s) if listing_s > 0.1 else None
     return {"scenario": "producer_azurite", "producer_cli_startup_s": r3(startup), "images": int(dry["listed"]),
-            "producer_listing_per_s_azurite": r3(int(dry["listed"]) / max(wall - startup, 1e-9))}
+            "producer_listing_per_s_azurite": rate}
 
 
 def _window_setting() -> int | None:
@@ -781,11 +879,9 @@ def _window_setting() -> int | None:
 class Drainer:
     """An emulated consumer: pops the job's messages and records each outcome through JobStore.record_outcome."""
 
-    def __init__(self, redis_url: str, list_key: str) -> None:
-        from worker.jobs import JobStore
-
-        self._client = redis.Redis.from_url(redis_url)
-        self._jobs = JobStore.from_url(redis_url)
+    def __init__(self, env: dict[str, str], list_key: str) -> None:
+        self._client = redis.Redis.from_url(env["BLOBSCORE_BROKER_URL"])
+        self._jobs = job_store(env)
         self._key = list_key
         self._params = list(inspect.signature(JobStore.record_outcome).parameters)[1:]
         self._stop = threading.Event()
@@ -834,7 +930,8 @@ def run_redis_job(stack: Stack, count: int, finish: bool, drain_s: float) -> dic
         server.wait_for_log("listening on", 60)
         queue = "bench-redisjob"
         env = blobscore_env(stack, 1, queue, BLOBSCORE_BLOB_CONNECTION_STRING=connection_string(port))
-        common = ["enqueue", "--container", SYNTH_CONTAINER, "--results-container", SYNTH_RESULTS]
+        common = ["enqueue", *listing_in_process(), "--container", SYNTH_CONTAINER, "--results-container",
+                  SYNTH_RESULTS]
         _, startup = run_cli(env, logs, *common, "--prefix", "nothing/", "--dry-run")
         dry, listing_wall = run_cli(env, logs, "enqueue", "--container", SYNTH_LISTING, "--results-container",
                                     SYNTH_RESULTS, "--dry-run")
@@ -843,7 +940,7 @@ def run_redis_job(stack: Stack, count: int, finish: bool, drain_s: float) -> dic
             "producer_listing_per_s": r3(int(dry["listed"]) / max(listing_wall - startup, 1e-9)),
             "producer_listing_images": int(dry["listed"]),
         })
-        out.update(_enqueue_with_memory(stack, env, logs, common, queue, count, startup, finish, drain_s))
+        out.update(_enqueue_with_memory(stack, env, logs, common, count, startup, finish, drain_s))
     finally:
         server.stop()
         client = stack.redis()
@@ -852,12 +949,12 @@ def run_redis_job(stack: Stack, count: int, finish: bool, drain_s: float) -> dic
     return out
 
 
-def _enqueue_with_memory(stack: Stack, env: dict[str, str], logs: Path, common: list[str], queue: str,
-                         count: int, startup: float, finish: bool, drain_s: float) -> dict[str, Any]:
+def _enqueue_with_memory(stack: Stack, env: dict[str, str], logs: Path, common: list[str], count: int,
+                         startup: float, finish: bool, drain_s: float) -> dict[str, Any]:
     client = stack.redis()
     client.flushdb()
-    # kombu names a service's queue `<queue>.<service>`; the sampler reads its length.
-    list_key = f"{queue}.{SERVICE}"
+    # A service's queue is `<queue>.<namespace>.<service>` (kombu's list key too); the sampler reads its length.
+    list_key = settings_for(env).queue_for(SERVICE)
     out: dict[str, Any] = {}
     stdout_path = logs / "redis-job-enqueue.out"
     with RedisMemorySampler(stack.redis_url, list_key=list_key) as memory:
@@ -875,7 +972,7 @@ def _enqueue_with_memory(stack: Stack, env: dict[str, str], logs: Path, common: 
             "producer_blocked_at_window": producer.poll() is None,
             "producer_enqueue_per_s": r3(queued / max(plateau - launched - startup, 1e-9)),
         })
-        drainer = Drainer(stack.redis_url, list_key)
+        drainer = Drainer(env, list_key)
         drainer.start()
         try:
             producer.wait(timeout=max(600, count / 200) if finish else drain_s)
@@ -927,50 +1024,130 @@ def _wait_for_plateau(producer: subprocess.Popen[bytes], memory: RedisMemorySamp
 # The run
 
 
+def corpora(args: argparse.Namespace) -> list[str]:
+    """The corpora to run, the photos (the main scenario) first."""
+    return ["photos", "tiny"] if args.corpus == "both" else [args.corpus]
+
+
 def matrix(args: argparse.Namespace) -> list[Scenario]:
-    """The scenarios: every latency × processes × in-flight, with an image count that keeps each run short."""
+    """The scenarios: every corpus × latency × processes × in-flight.
+
+    A photo scenario scores the whole photo corpus (the same images in every scenario, so they compare); a tiny one
+    scores an image count that grows with the in-flight total and keeps each run short.
+    """
     scenarios = []
-    for latency in args.latencies:
-        for processes in args.processes:
-            for inflight in args.inflight:
-                images = min(args.images, max(args.min_images, args.images_per_slot * processes * inflight))
-                scenarios.append(Scenario(latency, processes, inflight, images))
+    for corpus in corpora(args):
+        for latency in args.latencies:
+            for processes in args.processes:
+                for inflight in args.inflight:
+                    images = args.photos if corpus == "photos" else min(
+                        args.images, max(args.min_images, args.images_per_slot * processes * inflight))
+                    scenarios.append(Scenario(latency, processes, inflight, images, corpus))
     return scenarios
 
 
-def summarize(scenarios: list[dict[str, Any]], baselines: dict[float, dict[str, Any]],
+def baseline_key(corpus: str, latency: float) -> str:
+    """How a plain-loop run is named and looked up."""
+    return f"{corpus}-lat{latency:g}"
+
+
+def run_baselines(stack: Stack, args: argparse.Namespace, scenarios: list[Scenario],
+                  collected: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The plain loop once per corpus and latency (one image at a time: a few hundred images are plenty)."""
+    baselines: dict[str, dict[str, Any]] = {}
+    for corpus, latency in sorted({(s.corpus, s.latency_ms) for s in scenarios}):
+        key = baseline_key(corpus, latency)
+        count = min(args.baseline_images, args.photos) if corpus == "photos" else args.baseline_images
+        baselines[key] = run_loop(stack, "baseline_loop.py", latency, count, 1, None, f"baseline-{key}",
+                                  CORPUS_PREFIX[corpus])
+        emit({"scenario": f"baseline-{key}", "corpus": corpus, "scorer_latency_ms": latency,
+              **{f"baseline_{k}": v for k, v in baselines[key].items()}}, collected)
+    return baselines
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, rounded; None when either is missing or the denominator is 0."""
+    return r3(numerator / denominator) if numerator and denominator else None
+
+
+def compare_with_loops(stack: Stack, scenario: Scenario, figures: dict[str, Any], index: int,
+                       baselines: dict[str, dict[str, Any]]) -> None:
+    """Run the threaded loop on the scenario's images (P processes × C threads) and add both loops' figures."""
+    hand = run_loop(stack, "handwritten_threads.py", scenario.latency_ms, figures["images"], scenario.processes,
+                    scenario.inflight, f"hw-{index:02d}", scenario.prefix)
+    base = baselines[baseline_key(scenario.corpus, scenario.latency_ms)]["images_per_s"]
+    figures.update({
+        "handwritten_images_per_s": hand["images_per_s"],
+        "handwritten_cpu_ms_per_image": hand["cpu_ms_per_image"],
+        "handwritten_azurite_cpu_ms_per_image": hand["azurite_cpu_ms_per_image"],
+        "handwritten_standin_cpu_ms_per_image": hand["standin_cpu_ms_per_image"],
+        "handwritten_stderr_lines": hand["stderr_lines"],
+        "handwritten_rss_mb": hand["rss_mb"],
+        "baseline_images_per_s": base,
+        "speedup_vs_baseline": ratio(figures["images_per_s"], base),
+        # worker ÷ threaded loop: images/s (> 1: blobscore is faster) and CPU per image (> 1: it spends more).
+        "vs_handwritten": ratio(figures["images_per_s"], hand["images_per_s"]),
+        "cpu_vs_handwritten": ratio(figures["worker_cpu_ms_per_image"], hand["cpu_ms_per_image"]),
+    })
+
+
+COMPARED = ("images", "images_per_s", "handwritten_images_per_s", "vs_handwritten", "worker_cpu_ms_per_image",
+            "handwritten_cpu_ms_per_image", "cpu_vs_handwritten", "speedup_vs_baseline")
+
+
+def summarize(scenarios: list[dict[str, Any]], baselines: dict[str, dict[str, Any]],
               redis_job: dict[str, Any] | None, setup: dict[str, Any]) -> dict[str, Any]:
-    """The headline figures and each target of issue 6, met or not."""
+    """Worker vs threaded loop for every scenario, the best per corpus and latency, and the targets of issue 6."""
     ran = [s for s in scenarios if s.get("images_per_s")]
+    summary: dict[str, Any] = {
+        "summary": True,
+        "setup": setup,
+        "baselines": baselines,
+        "comparison": {s["scenario"]: {key: s.get(key) for key in COMPARED} for s in ran},
+    }
+    for corpus in sorted({s["corpus"] for s in ran}, key=lambda name: name != "photos"):
+        for latency in sorted({s["scorer_latency_ms"] for s in ran if s["corpus"] == corpus}):
+            candidates = [s for s in ran if s["corpus"] == corpus and s["scorer_latency_ms"] == latency]
+            top = max(candidates, key=lambda s: s["images_per_s"])
+            summary[f"best_{corpus}_at_{latency:g}ms"] = {key: top.get(key) for key in (
+                "scenario", *COMPARED, "added_latency_ms_p50", "added_latency_ms_p99", "worker_rss_mb")}
+    targets = issue6_targets(ran, redis_job)
+    summary["targets"] = targets
+    summary["targets_missed"] = [t["target"] + f" ({t['scenario']})" for t in targets if t["met"] is False]
+    if redis_job:
+        summary["redis_job"] = redis_job
+    return summary
 
-    def best(latency: float) -> dict[str, Any] | None:
-        candidates = [s for s in ran if s["scorer_latency_ms"] == latency]
-        return max(candidates, key=lambda s: s["images_per_s"]) if candidates else None
 
+def issue6_targets(ran: list[dict[str, Any]], redis_job: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each target of issue 6, met or not (per corpus where a scenario figure is compared)."""
     targets: list[dict[str, Any]] = []
 
     def target(name: str, value: Any, limit: str, met: bool | None, where: str) -> None:
         targets.append({"target": name, "value": value, "limit": limit, "met": met, "scenario": where})
 
-    if ran:
-        cpu = min(ran, key=lambda s: s["worker_cpu_ms_per_image"])
+    for corpus in sorted({s["corpus"] for s in ran}, key=lambda name: name != "photos"):
+        mine = [s for s in ran if s["corpus"] == corpus]
+        cpu = min(mine, key=lambda s: s["worker_cpu_ms_per_image"])
         target("worker_cpu_ms_per_image", cpu["worker_cpu_ms_per_image"], "<= 3", cpu["worker_cpu_ms_per_image"] <= 3,
                f"lowest, {cpu['scenario']}")
-        for s in ran:
+        for s in mine:
             if s.get("handwritten_images_per_s"):
                 target("images_per_s >= handwritten_images_per_s", s["images_per_s"],
                        f">= {s['handwritten_images_per_s']}", s["images_per_s"] >= s["handwritten_images_per_s"],
                        s["scenario"])
-        top60 = best(60.0)
-        if top60 and top60.get("speedup_vs_baseline") is not None:
+        at60 = [s for s in mine if s["scorer_latency_ms"] == 60 and s.get("speedup_vs_baseline") is not None]
+        if at60:
+            top60 = max(at60, key=lambda s: s["images_per_s"])
             target("speedup_vs_baseline at 60 ms", top60["speedup_vs_baseline"], ">= 10",
                    top60["speedup_vs_baseline"] >= 10, top60["scenario"])
-        rss = max(s["worker_rss_mb"] for s in ran)
-        target("worker_rss_mb", rss, "<= 150", rss <= 150, "largest over all scenarios")
-        first = [s["worker_first_task_s"] for s in ran if s.get("worker_first_task_s") is not None]
-        if first:
-            target("worker_first_task_s (start-up to first task)", max(first), "<= 2", max(first) <= 2,
-                   "slowest over all scenarios")
+        rss = max(mine, key=lambda s: s["worker_rss_mb"])
+        target("worker_rss_mb", rss["worker_rss_mb"], "<= 150", rss["worker_rss_mb"] <= 150,
+               f"largest, {rss['scenario']}")
+    first = [s["worker_first_task_s"] for s in ran if s.get("worker_first_task_s") is not None]
+    if first:
+        target("worker_first_task_s (start-up to first task)", max(first), "<= 2", max(first) <= 2,
+               "slowest over all scenarios")
     if redis_job:
         peak = redis_job.get("redis_peak_mb")
         if peak is not None:
@@ -978,37 +1155,32 @@ def summarize(scenarios: list[dict[str, Any]], baselines: dict[float, dict[str, 
         rate = redis_job.get("producer_enqueue_per_s")
         if rate is not None:
             target("producer_enqueue_per_s (listed and enqueued)", rate, ">= 4000", rate >= 4000, "redis_job")
-    summary: dict[str, Any] = {
-        "summary": True,
-        "setup": setup,
-        "baselines": baselines,
-        "targets": targets,
-        "targets_missed": [t["target"] + f" ({t['scenario']})" for t in targets if t["met"] is False],
-    }
-    for latency in sorted({s["scorer_latency_ms"] for s in ran}):
-        top = best(latency)
-        if top:
-            summary[f"best_at_{latency:g}ms"] = {key: top.get(key) for key in (
-                "scenario", "images_per_s", "worker_cpu_ms_per_image", "speedup_vs_baseline",
-                "handwritten_images_per_s", "added_latency_ms_p50", "added_latency_ms_p99")}
-    if redis_job:
-        summary["redis_job"] = redis_job
-    return summary
+    return targets
 
 
 def parse_args() -> argparse.Namespace:
     """Flags; --quick picks a small matrix."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="Small matrix: latencies 0 and 60, 1 process, "
-                        "in-flight 8 and 64, 600 images, a 100,000-image Redis job.")
+                        "32 in flight, 120 photos and 600 tiny images, a 100,000-image Redis job.")
+    parser.add_argument("--corpus", choices=("photos", "tiny", "both"), default="both",
+                        help="photos: camera-sized JPEGs (bench/photo_corpus.py), the main scenario; tiny: ~3.5 KB "
+                             "crops (per-call costs only, comparable with earlier runs); both (default).")
     parser.add_argument("--latencies", type=float, nargs="+", default=None, help="Scorer latencies in ms.")
     parser.add_argument("--processes", type=int, nargs="+", default=None, help="Worker process counts.")
     parser.add_argument("--inflight", type=int, nargs="+", default=None, help="Images in flight per process.")
-    parser.add_argument("--images", type=int, default=None, help="JPEGs uploaded (a scenario uses at most these).")
+    parser.add_argument("--photos", type=int, default=None, help="Photos in the corpus; every photo scenario "
+                        "scores all of them.")
+    parser.add_argument("--photo-seed", type=int, default=11)
+    parser.add_argument("--photo-cache", type=Path, default=None,
+                        help="Where generated photos are kept (default ~/.cache/blobscore/bench-photos).")
+    parser.add_argument("--images", type=int, default=None,
+                        help="Tiny JPEGs uploaded (a tiny scenario uses at most these).")
     parser.add_argument("--images-per-slot", type=int, default=20,
-                        help="A scenario scores min(images, max(min-images, this × processes × in-flight)).")
+                        help="A tiny scenario scores min(images, max(min-images, this × processes × in-flight)).")
     parser.add_argument("--min-images", type=int, default=200)
-    parser.add_argument("--baseline-images", type=int, default=None, help="Images for the plain loop.")
+    parser.add_argument("--baseline-images", type=int, default=None,
+                        help="Images for the plain loop (at most the photo corpus for photos).")
     parser.add_argument("--latency-sample", type=int, default=400, help="Result documents read per scenario.")
     parser.add_argument("--redis-job-images", type=int, default=None, help="Size of the Redis-memory job.")
     parser.add_argument("--skip-redis-job", action="store_true")
@@ -1028,7 +1200,8 @@ def parse_args() -> argparse.Namespace:
     quick = args.quick
     args.latencies = args.latencies or [0.0, 60.0]
     args.processes = args.processes or ([1] if quick else [1, 2])
-    args.inflight = args.inflight or ([8, 64] if quick else [1, 8, 32, 64])
+    args.inflight = args.inflight or ([32] if quick else [8, 32])
+    args.photos = args.photos or (120 if quick else 240)
     args.images = args.images or (600 if quick else 2000)
     args.baseline_images = args.baseline_images or (100 if quick else 200)
     args.redis_job_images = args.redis_job_images or (100_000 if quick else 200_000)
@@ -1039,6 +1212,35 @@ def emit(obj: dict[str, Any], collected: list[dict[str, Any]]) -> None:
     """Print one JSON object (one line) and keep it for --out."""
     collected.append(obj)
     print(json.dumps(obj), flush=True)
+
+
+def upload_corpora(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """Upload each corpus the run needs, once (every scenario reads the same blobs)."""
+    wanted = corpora(args)
+    setup: dict[str, Any] = {}
+    if "photos" in wanted and not args.skip_scenarios:
+        setup.update(upload_photos(stack, args.photos, args.photo_seed, args.photo_cache))
+    if "tiny" in wanted or args.skip_scenarios:  # the producer's listing rate is measured over the tiny names
+        setup.update(upload_images(stack, args.images))
+    return setup
+
+
+def run_scenarios(stack: Stack, args: argparse.Namespace, scenarios: list[Scenario],
+                  collected: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every worker scenario, each followed by the threaded loop on the same images; the plain loop first."""
+    baselines = run_baselines(stack, args, scenarios, collected) if not args.skip_loops else {}
+    results = []
+    for index, scenario in enumerate(scenarios):
+        try:
+            figures = run_worker_scenario(stack, scenario, index, args.latency_sample)
+        except Exception as exc:
+            emit({"scenario": scenario.name, "error": f"{type(exc).__name__}: {exc}"[:2000]}, collected)
+            continue
+        if not args.skip_loops:
+            compare_with_loops(stack, scenario, figures, index, baselines)
+        results.append(figures)
+        emit(figures, collected)
+    return results, baselines
 
 
 def main() -> None:
@@ -1056,38 +1258,10 @@ def main() -> None:
     stack = start_stack(workdir, sorted(set(args.latencies)), standin_workers)
     try:
         setup = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "python": sys.version.split()[0],
-                 "standin_workers": standin_workers, "workdir": str(workdir),
-                 **upload_images(stack, args.images)}
-        emit(run_producer_on_azurite(stack), collected)
-        baselines: dict[float, dict[str, Any]] = {}
-        if not args.skip_loops and scenarios:
-            for latency in sorted({scenario.latency_ms for scenario in scenarios}):
-                baselines[latency] = run_loop(stack, "baseline_loop.py", latency, args.baseline_images, 1, None,
-                                              f"baseline-{latency:g}")
-                emit({"scenario": f"baseline-lat{latency:g}", "scorer_latency_ms": latency,
-                      **{f"baseline_{k}": v for k, v in baselines[latency].items()}}, collected)
-        results = []
-        for index, scenario in enumerate(scenarios):
-            try:
-                figures = run_worker_scenario(stack, scenario, index, args.latency_sample)
-            except Exception as exc:
-                figures = {"scenario": scenario.name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                emit(figures, collected)
-                continue
-            if not args.skip_loops:
-                hand = run_loop(stack, "handwritten_threads.py", scenario.latency_ms, figures["images"],
-                                scenario.processes, scenario.inflight, f"hw-{index:02d}")
-                base = baselines[scenario.latency_ms]["images_per_s"]
-                figures.update({
-                    "handwritten_images_per_s": hand["images_per_s"],
-                    "handwritten_cpu_ms_per_image": hand["cpu_ms_per_image"],
-                    "baseline_images_per_s": base,
-                    "speedup_vs_baseline": r3(figures["images_per_s"] / base) if figures["images_per_s"] else None,
-                    "vs_handwritten": r3(figures["images_per_s"] / hand["images_per_s"])
-                    if figures["images_per_s"] else None,
-                })
-            results.append(figures)
-            emit(figures, collected)
+                 "standin_workers": standin_workers, "workdir": str(workdir), "corpus": args.corpus,
+                 **upload_corpora(stack, args)}
+        emit(run_producer_on_azurite(stack, TINY_PREFIX if "images" in setup else PHOTO_PREFIX), collected)
+        results, baselines = run_scenarios(stack, args, scenarios, collected)
         redis_job = None
         if not args.skip_redis_job:
             try:

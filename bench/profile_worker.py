@@ -2,19 +2,29 @@
 
     .venv/bin/pip install py-spy        # bench-only tool, not a blobscore dependency
     .venv/bin/python bench/profile_worker.py [--images 1500] [--inflight 16] [--rate 200] [--out profile.json]
+    .venv/bin/python bench/profile_worker.py --corpus photos     # 240 camera-sized photos × 3 rounds
 
-Starts the same private stack as bench/pipeline.py (Azurite with its access log on), prefills the queue with
-`blobscore enqueue`, starts one worker (BLOBSCORE_WORKER_CONCURRENCY=--inflight), attaches `py-spy record --format
-raw --gil --nonblocking` to it until the job is done, and prints one JSON object:
+Starts the same private stack as bench/pipeline.py (Azurite with its access log on), uploads a corpus (--corpus
+tiny: --images ~3.5 KB crops; photos: bench/photo_corpus.py), prefills the queue with `blobscore enqueue` (--rounds
+jobs over the same images, each into its own results prefix), starts one worker (BLOBSCORE_WORKER_CONCURRENCY=
+--inflight) with bench/stage_probe.py loaded as its sitecustomize, attaches `py-spy record --format raw --gil
+--nonblocking` to it until the jobs are done, and prints one JSON object:
 
  * worker_cpu_ms_per_image — /proc CPU of the worker from `ready.` to done, divided by the images (py-spy samples
    without pausing the process, so its own cost is small; compare with bench/pipeline.py's figure).
- * cpu_by_thread_ms_per_image — the same CPU split by OS thread (/proc/<pid>/task): the Celery main thread (consumer
-   loop, message handling, acks), the pool threads running tasks, and gRPC's C-core threads (invisible to py-spy).
+ * cpu_by_thread_ms_per_image — the same CPU split by OS thread (/proc/<pid>/task/*/schedstat): the Celery main
+   thread (consumer loop, message handling), the pool threads running tasks (and acking them), and gRPC's C-core
+   threads (invisible to py-spy).
+ * cpu_by_stage_ms_per_image — the worker's CPU per image by stage: image check, download, score, result upload,
+   job counters and the rest of the task from the stage probe (each stage's own thread CPU, GIL-free C work
+   included); Celery in the pool threads (their CPU minus the task functions'), the main thread and gRPC's
+   threads from /proc; what is left of the /proc total. stage_probe: the probe's figures per stage (calls, CPU ms
+   per image and per call, wall ms per call); stage_probe_missing: stages whose function it did not find.
  * sampled_ms_per_image — py-spy samples × period / images: the CPU the GIL-holding thread spent per image (the
    pure-Python share of worker_cpu_ms_per_image; socket syscalls, gRPC's C core and other GIL-free work are not
-   in it). Every percentage below is a share of these samples; --all-active samples every thread py-spy deems
-   active instead (it then also counts threads blocked in socket reads).
+   in it, nor are the stage probe's wrapper frames). Every percentage below is a share of these samples;
+   --all-active samples every thread py-spy deems active instead (it then also counts threads blocked in socket
+   reads).
  * by_component_pct — py-spy samples by what the innermost blobscore frame was calling: the
    Blob SDK (azure-core, requests, urllib3, http.client, ssl, socket), gRPC, the Redis client, pydantic, json,
    PIL, numpy, logging, or blobscore's own code; samples with no blobscore frame are Celery/kombu dispatch
@@ -45,25 +55,31 @@ from typing import Any
 
 import redis
 from pipeline import (
+    CORPUS_PREFIX,
     SERVICE,
     SOURCE,
     SYNTH_CONTAINER,
     SYNTH_RESULTS,
     blobscore_env,
     cpu_s,
+    listing_in_process,
     r3,
     run_cli,
     start_stack,
     start_workers,
     status_kb,
     upload_images,
+    upload_photos,
     wait_until_done,
 )
 
 from deploy.local.azurite import connection_string
 from deploy.local.procs import ManagedProcess, free_port
 
-REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MAIN_THREAD = "main thread (Celery consumer loop)"
+POOL_THREADS = "Python threads (task pool, timers)"
 OURS = re.compile(re.escape(str(REPO)) + r"/((?:worker|producer)/[\w/]+\.py)")
 ENTRY_POINTS = ("worker/__main__.py", "worker/worker_main.py")  # frames under which Celery's own loop runs
 # Inclusive shares of named pieces of work (a sample counts if any of its frames matches).
@@ -149,7 +165,9 @@ def read_raw(path: Path) -> list[tuple[list[str], int]]:
     for line in path.read_text(errors="replace").splitlines():
         body, _, count = line.rpartition(" ")
         if body and count.isdigit():
-            frames = [frame for frame in body.split(";") if not frame.startswith(("process ", "thread "))]
+            # The stage probe's wrappers (sitecustomize.py) are measurement scaffolding, not the worker's work.
+            frames = [frame for frame in body.split(";")
+                      if not frame.startswith(("process ", "thread ")) and "sitecustomize.py" not in frame]
             stacks.append((frames, int(count)))
     return stacks
 
@@ -165,16 +183,24 @@ def pct(counter: collections.Counter[str], total: int, top: int = 20) -> dict[st
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """Per OS thread of `pid`: (name, CPU seconds)."""
+    """Per OS thread of `pid`: (name, CPU seconds).
+
+    From schedstat (nanoseconds on the CPU) where the kernel has it: stat's utime+stime are whole clock ticks
+    (10 ms) per thread, and with 16+ pool threads their rounding is ~1 ms per image over a few hundred images.
+    """
     threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             text = (task / "stat").read_text()
         except OSError:
-            continue
+            continue  # the thread ended
         name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        try:
+            seconds = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            fields = text.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        threads[int(task.name)] = (name, seconds)
     return threads
 
 
@@ -185,9 +211,9 @@ def thread_groups(pid: int, before: dict[int, tuple[str, float]], after: dict[in
     for tid, (name, seconds) in after.items():
         spent = seconds - before.get(tid, (name, 0.0))[1]
         if tid == pid:
-            group = "main thread (Celery consumer loop)"
+            group = MAIN_THREAD
         elif name in ("python", "python3") or name.startswith(("python", "Thread")):
-            group = "Python threads (task pool, timers)"
+            group = POOL_THREADS
         else:
             group = f"native: {re.sub(r'[-_]?[0-9]+$', '', name)}"
         groups[group] += spent
@@ -264,6 +290,64 @@ def summarize_samples(raw: Path, rate: int, images: int) -> dict[str, Any]:
     }
 
 
+def install_stage_probe(workdir: Path) -> Path:
+    """bench/stage_probe.py as the sitecustomize module of a directory to put on the worker's PYTHONPATH."""
+    directory = workdir / "stage-probe"
+    directory.mkdir(exist_ok=True)
+    shutil.copyfile(BENCH / "stage_probe.py", directory / "sitecustomize.py")
+    return directory
+
+
+def read_stages(prefix: Path) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """The stage probe's totals (summed over the worker processes' files) and the stages it could not wrap."""
+    stages: dict[str, dict[str, float]] = {}
+    missing: set[str] = set()
+    for path in prefix.parent.glob(f"{prefix.name}.*"):
+        report = json.loads(path.read_text())
+        missing.update(report["missing"])
+        for name, figures in report["stages"].items():
+            entry = stages.setdefault(name, {"calls": 0, "cpu_s": 0.0, "wall_s": 0.0})
+            for key in entry:
+                entry[key] += figures[key]
+    return stages, sorted(missing)
+
+
+# The stages of the breakdown, from the probe's finer ones (bench/stage_probe.py STAGES).
+STAGE_GROUPS = {
+    "image check": ("image_check", "shrink"),
+    "download (Blob GET)": ("download", "existing_result"),
+    "score (Predict: request, gRPC call on the calling thread, response)": ("score_grpc",),
+    "result upload (Blob PUT, create-only)": ("result_upload",),
+    "job counters (Redis EVALSHA)": ("job_counters",),
+}
+
+
+def stage_breakdown(stages: dict[str, dict[str, float]], threads_ms: dict[str, float], images: int,
+                    total_ms: float) -> dict[str, float]:
+    """Worker CPU ms per image by stage: the probe's thread CPU per stage, the rest by OS thread (/proc)."""
+    def per_image(*names: str) -> float:
+        return sum(stages.get(name, {}).get("cpu_s", 0.0) for name in names) * 1000 / images
+
+    task = per_image("task")
+    out = {label: per_image(*names) for label, names in STAGE_GROUPS.items()}
+    out["other blobscore code in the task (validation, breaker, postprocess, result document)"] = (
+        task - sum(out.values()))
+    # The pool threads run the task inside Celery's tracer and ack the message after it (acks_late).
+    out["Celery in the pool threads (tracer, ack)"] = threads_ms.get(POOL_THREADS, 0.0) - task
+    out["Celery main thread (BRPOP, message decode, dispatch to the pool)"] = threads_ms.get(MAIN_THREAD, 0.0)
+    out["gRPC C-core threads"] = sum(value for key, value in threads_ms.items() if key.startswith("native"))
+    out["unaccounted (/proc total minus the above)"] = total_ms - sum(out.values())
+    return {label: r3(value) or 0.0 for label, value in out.items()}
+
+
+def stage_detail(stages: dict[str, dict[str, float]], images: int) -> dict[str, dict[str, float | None]]:
+    """Per probe stage: calls, CPU ms per image and per call, wall ms per call."""
+    return {name: {"calls": int(figures["calls"]), "cpu_ms_per_image": r3(figures["cpu_s"] * 1000 / images),
+                   "cpu_ms_per_call": r3(figures["cpu_s"] * 1000 / max(figures["calls"], 1)),
+                   "wall_ms_per_call": r3(figures["wall_s"] * 1000 / max(figures["calls"], 1))}
+            for name, figures in sorted(stages.items(), key=lambda item: -item[1]["cpu_s"])}
+
+
 def profile_producer(workdir: Path, images: int, rate: int, py_spy: str) -> dict[str, Any]:
     """py-spy on `blobscore enqueue` of `images` generated names from the synthetic listing, queue not consumed."""
     port = free_port()
@@ -280,8 +364,8 @@ def profile_producer(workdir: Path, images: int, rate: int, py_spy: str) -> dict
         started = time.perf_counter()
         done = subprocess.run([py_spy, "record", "--rate", str(rate), "--format", "raw", "--full-filenames",
                                "--nolineno", "--gil", "--nonblocking", "--output", str(raw), "--",
-                               sys.executable, "-m", "producer.cli", "enqueue", "--container", SYNTH_CONTAINER,
-                               "--results-container", SYNTH_RESULTS, "--json"],
+                               sys.executable, "-m", "producer.cli", "enqueue", *listing_in_process(),
+                               "--container", SYNTH_CONTAINER, "--results-container", SYNTH_RESULTS, "--json"],
                               env=env, cwd=logs, capture_output=True, text=True, timeout=1800, check=False)
         wall = time.perf_counter() - started
         if done.returncode != 0:
@@ -296,10 +380,18 @@ def profile_producer(workdir: Path, images: int, rate: int, py_spy: str) -> dict
         server.stop()
 
 
-def main() -> None:
-    """Run one profiled worker and print the figures."""
+def parse_args() -> argparse.Namespace:
+    """Flags."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
-    parser.add_argument("--images", type=int, default=1500)
+    parser.add_argument("--corpus", choices=("tiny", "photos"), default="tiny",
+                        help="tiny: ~3.5 KB crops (per-call costs); photos: camera-sized JPEGs (photo_corpus.py).")
+    parser.add_argument("--images", type=int, default=None,
+                        help="Images scored: tiny crops (default 1500) or photos (default 240, the corpus size).")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="Jobs over the same images, each into its own results prefix (default 3 for photos, "
+                             "1 for tiny): more tasks, more samples, without a larger corpus.")
+    parser.add_argument("--photo-seed", type=int, default=11)
+    parser.add_argument("--photo-cache", type=Path, default=None)
     parser.add_argument("--inflight", type=int, default=16)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second.")
     parser.add_argument("--latency-ms", type=float, default=0.0)
@@ -311,6 +403,28 @@ def main() -> None:
     parser.add_argument("--producer", type=int, default=0, metavar="N",
                         help="Instead: profile `blobscore enqueue` of N generated names (synthetic listing).")
     args = parser.parse_args()
+    args.images = args.images or (240 if args.corpus == "photos" else 1500)
+    args.rounds = args.rounds or (3 if args.corpus == "photos" else 1)
+    return args
+
+
+def emit(out: dict[str, Any], path: Path | None) -> None:
+    """Print the JSON object (and write it to --out)."""
+    print(json.dumps(out, indent=1))
+    if path:
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def upload_corpus(stack: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Upload the chosen corpus; what it is."""
+    if args.corpus == "photos":
+        return upload_photos(stack, args.images, args.photo_seed, args.photo_cache)
+    return upload_images(stack, args.images)
+
+
+def main() -> None:
+    """Run one profiled worker and print the figures."""
+    args = parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -319,64 +433,75 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     if args.producer:
         try:
-            out = profile_producer(workdir, args.producer, args.rate, py_spy)
-            print(json.dumps(out, indent=1))
-            if args.out:
-                args.out.write_text(json.dumps(out, indent=1) + "\n")
+            emit(profile_producer(workdir, args.producer, args.rate, py_spy), args.out)
         finally:
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
         return
     stack = start_stack(workdir, [args.latency_ms], 64, access_log=True)
     try:
-        upload_images(stack, args.images)
-        service = stack.blob_service()
-        service.create_container("res-profile")
-        service.close()
-        _, port = stack.standins[args.latency_ms]
-        env = blobscore_env(stack, port, "bench-profile")
-        enqueued, _ = run_cli(env, logs, "enqueue", "--container", SOURCE, "--prefix", "img/", "--results-container",
-                              "res-profile", "--results-prefix", "profile/")
-        images = int(enqueued["listed"])
-        client = stack.redis()
-        client.config_resetstat()
-        azurite_log = stack.azurite.log
-        offset = azurite_log.stat().st_size
-        (worker,) = start_workers(env, 1, args.inflight, logs, "profile")
-        pid = worker.process.pid
-        threads_before = thread_cpu(pid)
-        raw = workdir / "py-spy.txt"
-        spy_flags = [] if args.all_active else ["--gil"]
-        spy_flags += [] if args.blocking else ["--nonblocking"]
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--format", "raw",
-                                "--full-filenames", "--nolineno", "--threads", *spy_flags, "--output", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, _, final = wait_until_done(stack.redis_url, enqueued["job_id"], timeout=max(300, images / 3))
-        cpu = cpu_s(pid) - worker.cpu_at_ready
-        elapsed = time.time() - (worker.ready_at or time.time())
-        threads_after = thread_cpu(pid)
-        rss = status_kb(pid, "VmHWM") / 1024
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
-        time.sleep(0.5)  # Azurite writes its access log asynchronously
-        worker.process.stop(timeout=20)
-        print(json.dumps(out := {
-            "images": images, "job": final, "inflight": args.inflight, "scorer_latency_ms": args.latency_ms,
-            "images_per_s": r3(images / elapsed), "worker_cpu_ms_per_image": r3(cpu * 1000 / images),
-            "worker_rss_mb": r3(rss),
-            "cpu_by_thread_ms_per_image": thread_groups(pid, threads_before, threads_after, images),
-            "py_spy_flags": spy_flags, **summarize_samples(raw, args.rate, images),
-            "http_requests_per_image": azurite_requests(azurite_log, offset, "res-profile", images),
-            "redis_commands_per_image": redis_commands(client, images),
-            "service": SERVICE,
-        }, indent=1))
-        if args.out:
-            args.out.write_text(json.dumps(out, indent=1) + "\n")
-        client.close()
+        emit(profile_worker(stack, args, py_spy, workdir), args.out)
     finally:
         stack.stop()
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def profile_worker(stack: Any, args: argparse.Namespace, py_spy: str, workdir: Path) -> dict[str, Any]:
+    """Prefill the queue, run one worker under py-spy and the stage probe until the job is done; the figures."""
+    logs = workdir / "logs"
+    corpus = upload_corpus(stack, args)
+    service = stack.blob_service()
+    service.create_container("res-profile")
+    service.close()
+    _, port = stack.standins[args.latency_ms]
+    env = blobscore_env(stack, port, "bench-profile")
+    jobs = [run_cli(env, logs, "enqueue", *listing_in_process(), "--container", SOURCE,
+                    "--prefix", CORPUS_PREFIX[args.corpus],
+                    "--results-container", "res-profile", "--results-prefix", f"profile/{round_}/")[0]
+            for round_ in range(args.rounds)]
+    images = sum(int(job["listed"]) for job in jobs)
+    client = stack.redis()
+    client.config_resetstat()
+    azurite_log = stack.azurite.log
+    offset = azurite_log.stat().st_size
+    stage_prefix = logs / "stages"
+    worker_env = {**env, "PYTHONPATH": str(install_stage_probe(workdir)), "BLOBSCORE_BENCH_STAGES": str(stage_prefix)}
+    (worker,) = start_workers(worker_env, 1, args.inflight, logs, "profile")
+    pid = worker.process.pid
+    threads_before = thread_cpu(pid)
+    raw = workdir / "py-spy.txt"
+    spy_flags = [] if args.all_active else ["--gil"]
+    spy_flags += [] if args.blocking else ["--nonblocking"]
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--format", "raw",
+                            "--full-filenames", "--nolineno", "--threads", *spy_flags, "--output", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    final = [wait_until_done(env, job["job_id"], timeout=max(300, images / 3))[2] for job in jobs]
+    cpu = cpu_s(pid) - worker.cpu_at_ready
+    elapsed = time.time() - (worker.ready_at or time.time())
+    threads_after = thread_cpu(pid)
+    rss = status_kb(pid, "VmHWM") / 1024
+    spy.send_signal(signal.SIGINT)
+    spy.wait(timeout=60)
+    time.sleep(0.5)  # Azurite writes its access log asynchronously
+    worker.process.stop(timeout=20)  # the stage probe writes its totals at shutdown
+    threads_ms = thread_groups(pid, threads_before, threads_after, images)
+    stages, missing = read_stages(stage_prefix)
+    out = {
+        "corpus": args.corpus, "images": images, "rounds": args.rounds, "jobs": final, "inflight": args.inflight,
+        "scorer_latency_ms": args.latency_ms, "images_per_s": r3(images / elapsed),
+        "worker_cpu_ms_per_image": r3(cpu * 1000 / images), "worker_rss_mb": r3(rss),
+        "cpu_by_thread_ms_per_image": threads_ms,
+        "cpu_by_stage_ms_per_image": stage_breakdown(stages, threads_ms, images, cpu * 1000 / images),
+        "stage_probe": stage_detail(stages, images), "stage_probe_missing": missing,
+        "py_spy_flags": spy_flags, **summarize_samples(raw, args.rate, images),
+        "http_requests_per_image": azurite_requests(azurite_log, offset, "res-profile", images),
+        "redis_commands_per_image": redis_commands(client, images),
+        "service": SERVICE,
+        "corpus_figures": corpus,
+    }
+    client.close()
+    return out
 
 
 if __name__ == "__main__":
