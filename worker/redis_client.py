@@ -16,11 +16,14 @@ CONNECT_TIMEOUT_S = 5
 HEALTH_CHECK_INTERVAL_S = 30
 
 
-def open_redis(url: str) -> redis.Redis:
-    """A client with its own connection pool; replies decoded to str (binary values: NEVER_DECODE per command)."""
+def open_redis(url: str, timeout_s: float | None = None) -> redis.Redis:
+    """A client with its own connection pool; replies decoded to str (binary values: NEVER_DECODE per command).
+
+    `timeout_s` shortens both timeouts, for callers that must answer quickly (health probes).
+    """
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
-        health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        url, decode_responses=True, socket_timeout=timeout_s or SOCKET_TIMEOUT_S,
+        socket_connect_timeout=timeout_s or CONNECT_TIMEOUT_S, health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )
 
 

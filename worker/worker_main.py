@@ -8,9 +8,10 @@ from typing import Any
 
 from celery.signals import setup_logging
 
-from worker import logs, metrics
+from worker import logs, metrics, probes
 from worker.celery_app import create_app
 from worker.errors import BlobscoreError, ConfigurationError
+from worker.probes import Health
 from worker.scoring import Scorer
 from worker.services import services_in_region
 from worker.settings import Settings, load_settings
@@ -78,13 +79,16 @@ def _logging_is_ours(**_: Any) -> None:
     (it would otherwise add its own handler, in its own format, to its task logger)."""
 
 
-def serve_metrics(settings: Settings, concurrency: int | None = None) -> None:
-    """Start this process's metrics server when a port is configured (one per process: the threads share it)."""
-    metrics.CONCURRENCY.set(concurrency or settings.worker_concurrency)
+def serve_metrics(settings: Settings, queues: list[str], concurrency: int | None = None) -> None:
+    """Start this process's metrics and probes server when a port is configured (one per process)."""
+    threads = concurrency or settings.worker_concurrency
+    metrics.CONCURRENCY.set(threads)
     if settings.metrics_port is None:
         return
-    port = metrics.serve(settings.metrics_port, settings.metrics_host)
-    log.info("metrics at http://%s:%d/metrics", settings.metrics_host, port)
+    health = Health(settings.broker_url, queues, threads)
+    health.connect()
+    port = probes.serve(settings.metrics_port, settings.metrics_host, health)
+    log.info("metrics at http://%s:%d/metrics, probes at /healthz and /readyz", settings.metrics_host, port)
 
 
 def run_worker(
@@ -97,12 +101,12 @@ def run_worker(
     setup_logging.connect(_logging_is_ours, weak=False)
     names = services_to_consume(settings, region, services)
     check_services(settings, names)
-    serve_metrics(settings, concurrency)
     # Every worker also takes its deployment's listing steps: the fleet carries each job's listing
     # (producer/carrier.py). This entry point composes the worker process, as the CLI composes commands.
     from producer.carrier import listing_queue, register_carrier
 
     queues = [settings.queue_for(name) for name in names] + [listing_queue(settings)]
+    serve_metrics(settings, queues, concurrency)
     app = create_app(settings, consumes=queues)
     register_carrier(app, settings)
     app.worker_main(worker_argv(settings, queues, concurrency))
