@@ -264,6 +264,11 @@ def _with_keys(services: dict[str, ServiceConfig]) -> dict[str, ServiceConfig]:
     return resolved
 
 
+def config_path(workdir: Path | None = None) -> Path:
+    """The config file the settings read: $BLOBSCORE_CONFIG, else ./blobscore.toml (which may not exist)."""
+    return _config_from_env() or (workdir or Path.cwd()) / CONFIG_FILE
+
+
 def _config_from_env() -> Path | None:
     value = os.environ.get("BLOBSCORE_CONFIG")
     return Path(value) if value else None

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
 from producer.scheduling.spec import InvalidScheduleError, ScheduleSpec, make_spec
-from worker.settings import CONFIG_FILE
+from worker.settings import config_path
 
-
-def config_path() -> Path:
-    """The config file the settings read: $BLOBSCORE_CONFIG, else ./blobscore.toml."""
-    value = os.environ.get("BLOBSCORE_CONFIG")
-    return Path(value) if value else Path.cwd() / CONFIG_FILE
+__all__ = ["config_path", "schedules_from_config"]
 
 
 def schedules_from_config(path: Path) -> dict[str, ScheduleSpec]:
