@@ -14,11 +14,12 @@ from producer.listing import (
     results_for_page,
     select_images,
 )
+from worker.blob_listing import ListedBlob, ListingPage
 from worker.contracts import ImageTask
 from worker.deployment import Deployment
 from worker.jobs import JobSpec, JobStore
 from worker.results import ExistingResult
-from worker.storage import BlobStore, ListedBlob, ListingPage
+from worker.storage import BlobStore
 
 Publish = Callable[[list[ImageTask]], None]
 WINDOW_POLL_S = 0.5

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from worker.blob_listing import ListedBlob
 from worker.results import ExistingResult, existing_from_metadata, is_current, result_blob_name, source_blob_name
-from worker.storage import ListedBlob
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")
 JPEG_CONTENT_TYPES = frozenset({"image/jpeg", "image/pjpeg"})

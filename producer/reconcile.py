@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from producer.enqueue import Publish, task_for
 from producer.listing import current_results
+from worker.blob_listing import ListedBlob
 from worker.contracts import ImageTask
-from worker.jobs import JobStore, bit_is_set
+from worker.job_records import bit_is_set
+from worker.jobs import JobStore
 from worker.results import is_current
-from worker.storage import BlobStore, ListedBlob
+from worker.storage import BlobStore
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,19 @@
-"""A job's results as one self-contained HTML page: summary, image cards with thumbnails, rejections (pure, no I/O)."""
+"""A job's results as one self-contained HTML page: summary, image cards with thumbnails, rejections (pure, no I/O).
+
+Which images get a card and the figures above them are computed in producer/report_figures.py.
+"""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
-import math
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageOps
 
+from producer.report_figures import Selection, Summary, best_detections, ranked, select_images, summarize
 from worker.contracts import DetectionDoc, ResultDoc
 from worker.jobs import JobSpec, JobStatus
 
@@ -22,9 +21,6 @@ from worker.jobs import JobSpec, JobStatus
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 # The documented bound on the page: cards stop being added before it is reached, whatever the job's size.
 MAX_REPORT_BYTES = 25_000_000
-# Large jobs: the first images by name, plus a deterministic sample of the rest.
-FIRST_IMAGES = 500
-SAMPLED_IMAGES = 500
 # Rejections listed one per row (all are counted by code above the table).
 MAX_REJECTIONS = 1000
 THUMB_LONG_SIDE = 160
@@ -33,11 +29,7 @@ MAX_THUMB_BYTES = 20_000
 THUMB_QUALITIES = (75, 60, 45, 30)
 LABELS_PER_CARD = 5
 BOXES_PER_CARD = 20
-FREQUENT_LABELS = 10
-HISTOGRAM_BINS = 10
 MAX_MESSAGE_CHARS = 500
-# Below this span, millisecond timestamps say little about a rate: it is shown as "—".
-MIN_RATE_SPAN_S = 1.0
 # Room kept for the notes written after the cards are counted.
 NOTES_RESERVE_BYTES = 4_000
 BOX_COLOURS = ("#e4572e", "#17bebb", "#ffc914", "#76b041", "#9c6ade")
@@ -86,28 +78,6 @@ overflow-wrap:anywhere}
 """
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The scored images that get a card: the first ones by name, then a deterministic sample of the rest."""
-
-    shown: list[ResultDoc]
-    total: int
-    first: int
-    sampled: int
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The job's figures above the cards."""
-
-    duration_s: float | None
-    images_per_s: float | None
-    latency_ms: dict[str, float]
-    histogram: list[int]
-    frequent: list[tuple[str, int]]
-    codes: list[tuple[str, int]]
-
-
 def esc(text: str) -> str:
     """HTML-escaped text, quotes included: blob names and labels are user data."""
     return html.escape(text, quote=True)
@@ -137,72 +107,6 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, optimize=True)
     return buffer.getvalue()
-
-
-def _sample_key(doc: ResultDoc) -> str:
-    """The order the sample is drawn in."""
-    # A hash of the name: the same job always shows the same sample, spread evenly over the names.
-    return hashlib.sha256(doc.source.blob.encode("utf-8")).hexdigest()
-
-
-def select_images(docs: Iterable[ResultDoc], first: int = FIRST_IMAGES, sample: int = SAMPLED_IMAGES) -> Selection:
-    """The scored (ok) images to show as cards, in name order."""
-    ok = sorted((doc for doc in docs if doc.status == "ok"), key=lambda doc: doc.source.blob)
-    head, rest = ok[:first], ok[first:]
-    sampled = sorted(sorted(rest, key=_sample_key)[:sample], key=lambda doc: doc.source.blob)
-    return Selection(shown=head + sampled, total=len(ok), first=len(head), sampled=len(sampled))
-
-
-def _parse_time(value: str) -> float | None:
-    """Seconds since the epoch of an RFC 3339 time (None when it does not parse)."""
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of non-empty `values` (`fraction` in 0..1)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return ordered[rank - 1]
-
-
-def top1(doc: ResultDoc) -> tuple[str, float] | None:
-    """The best label of a scored image: its first label, else its best detection."""
-    if doc.labels:
-        return doc.labels[0].label, doc.labels[0].score
-    if doc.detections:
-        best = max(doc.detections, key=lambda detection: detection.score)
-        return best.label, best.score
-    return None
-
-
-def histogram(scores: Iterable[float], bins: int = HISTOGRAM_BINS) -> list[int]:
-    """Counts of scores in `bins` equal bins over 0..1 (1.0 falls in the last bin)."""
-    counts = [0] * bins
-    for score in scores:
-        counts[min(bins - 1, max(0, int(score * bins)))] += 1
-    return counts
-
-
-def summarize(docs: Sequence[ResultDoc]) -> Summary:
-    """Duration and rate from the `scored_at` range, score latency percentiles, top-1 histogram and labels."""
-    times = sorted(t for t in (_parse_time(doc.scored_at) for doc in docs) if t is not None)
-    duration = times[-1] - times[0] if len(times) >= 2 else None
-    # n results span n-1 gaps between the first and the last.
-    rate = (len(times) - 1) / duration if duration is not None and duration >= MIN_RATE_SPAN_S else None
-    latencies = [doc.timings_ms["score"] for doc in docs if "score" in doc.timings_ms]
-    latency = {name: percentile(latencies, q) for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))} \
-        if latencies else {}
-    tops = [best for best in (top1(doc) for doc in docs if doc.status == "ok") if best is not None]
-    codes = Counter(doc.error.code for doc in docs if doc.status == "rejected" and doc.error is not None)
-    return Summary(
-        duration_s=duration, images_per_s=rate, latency_ms=latency,
-        histogram=histogram(score for _, score in tops),
-        frequent=Counter(label for label, _ in tops).most_common(FREQUENT_LABELS),
-        codes=codes.most_common(),
-    )
 
 
 def _duration_text(seconds: float | None) -> str:
@@ -278,26 +182,18 @@ def render_box(detection: DetectionDoc, index: int) -> str:
     )
 
 
-def _ranked(doc: ResultDoc) -> list[tuple[str, float]]:
-    """The card's (label, score) lines: the top labels, else the best detections."""
-    if doc.labels:
-        return [(label.label, label.score) for label in doc.labels[:LABELS_PER_CARD]]
-    detections = sorted(doc.detections or [], key=lambda detection: -detection.score)
-    return [(detection.label, detection.score) for detection in detections[:LABELS_PER_CARD]]
-
-
 def render_card(doc: ResultDoc, thumbnail: bytes | None) -> str:
     """One scored image: thumbnail (with detection boxes), name, top labels and scores."""
     if thumbnail is None:
         picture = '<span class="none">no preview: source blob gone or changed</span>'
     else:
-        detections = sorted(doc.detections or [], key=lambda detection: -detection.score)[:BOXES_PER_CARD]
+        detections = best_detections(doc, BOXES_PER_CARD)
         boxes = "".join(render_box(detection, index) for index, detection in enumerate(detections))
         uri = "data:image/jpeg;base64," + base64.b64encode(thumbnail).decode("ascii")
         picture = f'<div class="frame"><img src="{uri}" alt="">{boxes}</div>'
     labels = "".join(
         f'<li><span class="lab">{esc(label)}</span><span class="sc">{score:.3f}</span></li>'
-        for label, score in _ranked(doc)
+        for label, score in ranked(doc, LABELS_PER_CARD)
     ) or '<li class="muted">no labels</li>'
     return (
         f'<figure class="card"><div class="pic">{picture}</div><figcaption>'

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from producer import exports
-from producer.report import make_thumbnail, render_report, select_images
+from producer.report import make_thumbnail, render_report
+from producer.report_figures import select_images
 from worker.contracts import ResultDoc, normalize_etag
 from worker.errors import BlobscoreError
 from worker.jobs import JobStore

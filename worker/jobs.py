@@ -1,11 +1,12 @@
-"""Job records in Redis, compact at any size: counters, one bit per image and outcome, zlib-packed listing pages."""
+"""Job records in Redis (JobStore): create a job, record its listing pages and outcomes, read its status back.
+
+Every count is exact and cheap at any size thanks to the compact layout of worker/job_records.py.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-import zlib
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import redis
 
 from worker.deployment import AccountRef, Deployment
 from worker.errors import BlobscoreError
+from worker.job_records import BUMP_GENERATION, RECORD_OUTCOME, RECORD_PAGE, bit_is_set, pack_names, unpack_names
 from worker.redis_client import open_redis, translated
 from worker.settings import Settings
 
@@ -22,36 +24,6 @@ JobState = Literal["listing", "running", "done"]
 Part = Literal["listed", "ok", "rejected", "retrying"]
 # An error message kept in a job record is cut to this many characters.
 MAX_ERROR_MESSAGE = 500
-
-# Counts an image's outcome once: the bit of its index in either outcome bitmap says it was counted already.
-_RECORD_OUTCOME = """
-local index = tonumber(ARGV[1])
-if redis.call('GETBIT', KEYS[1], index) == 0 and redis.call('GETBIT', KEYS[2], index) == 0 then
-  redis.call('SETBIT', KEYS[1], index, 1)
-  redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-end
-redis.call('SREM', KEYS[4], ARGV[3])
-return 1
-"""
-# `listed` only grows: a resumed producer re-recording a page must not count it twice.
-_RECORD_PAGE = """
-redis.call('SET', KEYS[2], ARGV[3])
-if tonumber(redis.call('HGET', KEYS[1], 'listed') or '0') < tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'listed', ARGV[1])
-end
-if tonumber(redis.call('HGET', KEYS[1], 'pages') or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'pages', ARGV[2])
-end
-return 1
-"""
-
-
-# Compare-and-set of the listing step generation: of several step messages of one generation, one moves on.
-_BUMP_GENERATION = """
-if tonumber(redis.call('HGET', KEYS[1], 'listing_gen') or '0') ~= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'listing_gen', tonumber(ARGV[1]) + 1)
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -109,17 +81,6 @@ def new_job_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def pack_names(names: list[str]) -> bytes:
-    """A listing page as stored: zlib-compressed JSON (blob names share long prefixes: ~5 bytes a name)."""
-    return zlib.compress(json.dumps(names, ensure_ascii=False).encode("utf-8"), 6)
-
-
-def unpack_names(packed: bytes) -> list[str]:
-    """The names of a stored listing page."""
-    names: list[str] = json.loads(zlib.decompress(packed))
-    return names
-
-
 class JobStore:
     """Job records: each listed image has an index; its outcome is a bit, counted once however often recorded.
 
@@ -130,9 +91,9 @@ class JobStore:
     def __init__(self, client: redis.Redis, key_prefix: str) -> None:
         self._redis = client
         self._prefix = f"{key_prefix}job:"
-        self._record_outcome = client.register_script(_RECORD_OUTCOME)
-        self._record_page = client.register_script(_RECORD_PAGE)
-        self._bump_generation = client.register_script(_BUMP_GENERATION)
+        self._record_outcome = client.register_script(RECORD_OUTCOME)
+        self._record_page = client.register_script(RECORD_PAGE)
+        self._bump_generation = client.register_script(BUMP_GENERATION)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str) -> JobStore:
@@ -362,12 +323,6 @@ class JobStore:
                     f"at {endpoint}), not {here}; run this command with that deployment's settings"
                 )
         return f"no job {job_id!r} in this deployment ({here})"
-
-
-def bit_is_set(bits: bytes, index: int) -> bool:
-    """Redis bitmap order: bit 0 is the most significant bit of byte 0."""
-    byte = index >> 3
-    return byte < len(bits) and bool(bits[byte] & (0x80 >> (index & 7)))
 
 
 def _other(outcome: Outcome) -> Outcome:

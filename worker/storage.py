@@ -1,37 +1,34 @@
-"""Blob Storage adapter: capped downloads, create-only result writes, listings; SDK errors become ours."""
+"""Blob Storage adapter: capped downloads, create-only result writes, listings; SDK errors become ours.
+
+The List Blobs request and the reading of its XML answer are worker/blob_listing.py's.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
-from urllib.parse import quote, unquote
-from xml.etree.ElementTree import Element, ParseError, fromstring
+from typing import Any
 
 import requests
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
-    DecodeError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
-    ResourceNotModifiedError,
     ServiceRequestError,
     ServiceResponseError,
-    map_error,
 )
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.pipeline.transport._bigger_block_size_http_adapters import BiggerBlockSizeHTTPAdapter
-from azure.core.rest import HttpRequest, HttpResponse
-from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings, ExponentialRetry
-from azure.storage.blob._shared.response_handlers import process_storage_error
+from azure.storage.blob import BlobServiceClient, ContentSettings, ExponentialRetry
 from urllib3.util.retry import Retry
 
 from worker import metrics
+from worker.blob_listing import ListedBlob, ListingPage, listing_page, listing_pages, metadata_entries, next_marker
 from worker.contracts import normalize_etag
 from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.results import ExistingResult, existing_from_metadata
@@ -44,14 +41,6 @@ LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 30
 DOWNLOAD_BLOCK_BYTES = 256 * 1024
-# What the SDK's generated List Blobs operation maps these statuses to before its own error refinement.
-LISTING_ERROR_MAP: dict[int, type[HttpResponseError]] = {
-    401: ClientAuthenticationError,
-    404: ResourceNotFoundError,
-    409: ResourceExistsError,
-    304: ResourceNotModifiedError,
-}
-ENCODED_TRUE = frozenset({"true", "1"})  # how the service (and the SDK's bool reader) spell Encoded="true"
 
 
 def _session(pool_size: int, use_env_proxies: bool) -> requests.Session:
@@ -101,24 +90,6 @@ class Downloaded:
     size: int
 
 
-@dataclass(frozen=True)
-class ListingPage:
-    """One page of a listing and the token that continues after it (None after the last page)."""
-
-    blobs: list[ListedBlob]
-    continuation: str | None
-
-
-@dataclass(frozen=True)
-class ListedBlob:
-    """One entry of a container listing."""
-
-    name: str
-    etag: str
-    size: int
-    content_type: str | None
-
-
 def is_transient_status(status: int | None) -> bool:
     """True for HTTP statuses that a later retry may not see again."""
     return status is not None and status in TRANSIENT_HTTP_STATUSES
@@ -146,118 +117,6 @@ def _translated(what: str) -> Iterator[None]:
         raise BlobscoreError(f"{what}: Blob Storage answered {exc.status_code}: {exc.reason}") from exc
     except AzureError as exc:
         raise TransientError(f"{what}: {type(exc).__name__}") from exc
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# List Blobs: the SDK sends the request (signing, retries, its whole pipeline); we read the XML it returns. The
-# SDK's generic deserializer builds a model object per XML element, which was most of the producer's CPU.
-
-
-def _listing_request(
-    client: ContainerClient, prefix: str | None, marker: str | None, page_size: int | None, include: str | None
-) -> HttpRequest:
-    """A List Blobs (flat) request for one page, spelled as the SDK's generated operation spells it."""
-    params = {"restype": "container", "comp": "list"}
-    # The SDK quotes every query value itself (azure-core appends params as given) and signs the result.
-    for name, value in (("prefix", prefix), ("marker", marker), ("include", include)):
-        if value:
-            params[name] = quote(value, safe="")
-    if page_size is not None:
-        params["maxresults"] = str(page_size)
-    headers = {"x-ms-version": client.api_version, "Accept": "application/xml"}
-    return HttpRequest("GET", client.url, params=params, headers=headers)
-
-
-def _raise_listing_error(response: HttpResponse) -> NoReturn:
-    """Raise what the SDK's own listing raises for this answer: ResourceNotFoundError for a missing container, …"""
-    try:
-        map_error(status_code=response.status_code, response=response, error_map=LISTING_ERROR_MAP)
-        raise HttpResponseError(response=response)
-    except HttpResponseError as error:
-        # The SDK's refinement by x-ms-error-code (e.g. 403 AuthenticationFailed -> ClientAuthenticationError).
-        process_storage_error(error)
-
-
-def _listing_xml(client: ContainerClient, request: HttpRequest) -> Element:
-    """Send one listing request through the client's pipeline and return the answer's XML root."""
-    # ContainerClient._pipeline is the pipeline the SDK's own operations run through: its policies sign the request,
-    # retry it, set its headers and log it. Not streamed: the transport reads the body inside the pipeline, so the
-    # retries cover a broken read, and its ContentDecodePolicy has parsed the XML already (reused, not parsed twice).
-    answer = client._pipeline.run(request, stream=False)
-    response = answer.http_response
-    if response.status_code != 200:
-        _raise_listing_error(response)
-    root = answer.context.get("deserialized_data")
-    if not isinstance(root, Element):  # the body came without an XML content type
-        try:
-            # The body comes from our own storage account over the authenticated channel.
-            root = fromstring(response.read())  # noqa: S314
-        except ParseError as exc:
-            raise DecodeError("List Blobs answered something that is not XML", response=response) from exc
-    if root.tag != "EnumerationResults":
-        raise DecodeError(f"List Blobs answered <{root.tag}>, not <EnumerationResults>", response=response)
-    return root
-
-
-def _listing_pages(
-    client: ContainerClient, prefix: str | None, marker: str | None, page_size: int | None, include: str | None
-) -> Iterator[Element]:
-    """The XML root of every page of a flat listing, from `marker` on."""
-    while True:
-        root = _listing_xml(client, _listing_request(client, prefix, marker, page_size, include))
-        yield root
-        marker = _next_marker(root)
-        if marker is None:
-            return
-
-
-def _next_marker(root: Element) -> str | None:
-    """The token that continues after this page, None after the last one."""
-    return root.findtext("NextMarker") or None
-
-
-def _blob_elements(root: Element) -> list[Element]:
-    """The page's <Blob> entries (a flat listing has no <BlobPrefix>; any would be skipped)."""
-    blobs = root.find("Blobs")
-    return [] if blobs is None else blobs.findall("Blob")
-
-
-def _blob_name(blob: Element) -> str:
-    """The blob's name; names XML cannot carry come percent-encoded, marked Encoded="true" (the SDK unquotes)."""
-    name = blob.find("Name")
-    if name is None:
-        raise DecodeError("a listed <Blob> has no <Name>")
-    text = name.text or ""
-    return unquote(text) if name.get("Encoded", "").lower() in ENCODED_TRUE else text
-
-
-def _listed_blob(blob: Element) -> ListedBlob:
-    """One <Blob> entry as a ListedBlob, with the SDK's readings: an empty Content-Type is None."""
-    properties = blob.find("Properties")
-    if properties is None:
-        properties = Element("Properties")
-    return ListedBlob(
-        _blob_name(blob),
-        normalize_etag(properties.findtext("Etag") or ""),
-        int(properties.findtext("Content-Length") or 0),
-        properties.findtext("Content-Type") or None,
-    )
-
-
-def _listing_page(root: Element) -> ListingPage:
-    """One listing page from its XML."""
-    return ListingPage([_listed_blob(blob) for blob in _blob_elements(root)], _next_marker(root))
-
-
-def _blob_metadata(blob: Element) -> dict[str, str]:
-    """The <Metadata> of one <Blob> entry (absent or empty: {}); an empty value is ''."""
-    metadata = blob.find("Metadata")
-    return {} if metadata is None else {entry.tag: entry.text or "" for entry in metadata}
-
-
-def _metadata_entries(root: Element) -> list[tuple[str, dict[str, str]]]:
-    """(name, metadata) of every blob of one page listed with include=metadata."""
-    return [(_blob_name(blob), _blob_metadata(blob)) for blob in _blob_elements(root)]
 
 
 class BlobStore:
@@ -361,8 +220,8 @@ class BlobStore:
         """The listing page by page from `continuation`, each with the token that resumes after it."""
         client = self._service.get_container_client(container)
         with _translated(f"list {container}/{prefix or ''}"):
-            for root in _listing_pages(client, prefix or None, continuation or None, page_size, None):
-                yield _listing_page(root)
+            for root in listing_pages(client, prefix or None, continuation or None, page_size, None):
+                yield listing_page(root)
 
     def metadata_page(
         self, container: str, prefix: str, continuation: str | None, page_size: int = LISTING_PAGE_SIZE
@@ -370,15 +229,15 @@ class BlobStore:
         """One page of (name, metadata) under `prefix` from `continuation`, and the token after it (None: the end)."""
         client = self._service.get_container_client(container)
         with _translated(f"list {container}/{prefix}"):
-            root = next(_listing_pages(client, prefix or None, continuation or None, page_size, "metadata"))
-            return list(_metadata_entries(root)), _next_marker(root)
+            root = next(listing_pages(client, prefix or None, continuation or None, page_size, "metadata"))
+            return list(metadata_entries(root)), next_marker(root)
 
     def list_metadata(self, container: str, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
         """(name, metadata) of every blob under `prefix`, in one listing rather than one request per blob."""
         client = self._service.get_container_client(container)
         with _translated(f"list {container}/{prefix}"):
-            for root in _listing_pages(client, prefix or None, None, LISTING_PAGE_SIZE, "metadata"):
-                yield from _metadata_entries(root)
+            for root in listing_pages(client, prefix or None, None, LISTING_PAGE_SIZE, "metadata"):
+                yield from metadata_entries(root)
 
     def upload(self, container: str, name: str, data: bytes, content_type: str | None = None) -> str:
         """Write a blob (overwriting), returning its new etag: for samples and tests, not for results."""

@@ -13,6 +13,8 @@ from deploy.local import stack
 from deploy.local.stack import PIECES, PieceName, StackError, StackStatus
 
 app = typer.Typer(help="Run the local stack in the background.", no_args_is_help=True)
+# How `blobscore --help` lists this app as `blobscore stack` (entry point blobscore.commands, pyproject.toml).
+COMMAND_HELP = "Run the local stack: Redis, Azurite, the stand-in, a worker."
 console = Console()
 errors = Console(stderr=True)
 

@@ -34,6 +34,8 @@ densenet121 and vgg16 (logits) profiles. The ssd_vgg profile only replays tensor
 SSD-VGG weights are available offline. Prints `listening on HOST:PORT` once ready; stops on SIGTERM/SIGINT."""
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# How `blobscore --help` lists this app as `blobscore standin` (entry point blobscore.commands, pyproject.toml).
+COMMAND_HELP = "The local stand-in scoring service (real CPU model)."
 
 
 @app.callback(invoke_without_command=True, help=HELP)

@@ -1,6 +1,6 @@
 """The compact job record's pure parts: packed listing pages and Redis bitmap order."""
 
-from worker.jobs import bit_is_set, pack_names, unpack_names
+from worker.job_records import bit_is_set, pack_names, unpack_names
 
 
 def test_pages_pack_small_and_round_trip() -> None:

@@ -1,8 +1,8 @@
 """Which blobs the producer queues."""
 
 from producer.listing import current_results, is_jpeg_candidate, needs_scoring, select_images
+from worker.blob_listing import ListedBlob
 from worker.results import META_CODE, META_SOURCE_ETAG, META_STATUS
-from worker.storage import ListedBlob
 
 
 def test_jpeg_by_extension_in_any_case() -> None:

@@ -13,7 +13,10 @@ from azure.storage.blob._generated._utils.serialization import Deserializer
 from azure.storage.blob._generated.operations._container_operations import build_list_blob_flat_segment_request
 
 from deploy.local.azurite import connection_string
-from worker.storage import ListedBlob, _listing_page, _listing_request, _metadata_entries
+from worker.blob_listing import ListedBlob
+from worker.blob_listing import listing_page as _listing_page
+from worker.blob_listing import listing_request as _listing_request
+from worker.blob_listing import metadata_entries as _metadata_entries
 
 HEAD = '<?xml version="1.0" encoding="utf-8"?><EnumerationResults ServiceEndpoint="https://acct.blob.core.windows.net/" ContainerName="c">'  # noqa: E501
 STAMP = "Mon, 01 Jan 2024 00:00:00 GMT"

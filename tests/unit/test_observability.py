@@ -290,10 +290,10 @@ def test_job_rows_from_records() -> None:
 
 
 def test_the_decorator_fits_the_blob_adapters_translation() -> None:
-    """storage.py's `_translated` with `@metrics.counts_blob_errors` on it: counted, then translated as before."""
+    """storage.py's `_translated` carries `@metrics.counts_blob_errors`: counted once, then translated as before."""
     from worker import storage
 
-    translated = metrics.counts_blob_errors(storage._translated)
+    translated = storage._translated
     before = _sample("blobscore_blob_errors_total", {"kind": "unreachable"})
     with pytest.raises(TransientError, match="download c/b: Blob Storage unreachable"), translated("download c/b"):
         raise ServiceRequestError("connection refused")

@@ -10,17 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.report import (
-    CSP,
-    MAX_REPORT_BYTES,
-    MAX_THUMB_BYTES,
-    histogram,
-    make_thumbnail,
-    percentile,
-    render_report,
-    select_images,
-    summarize,
-)
+from producer.report import CSP, MAX_REPORT_BYTES, MAX_THUMB_BYTES, make_thumbnail, render_report
+from producer.report_figures import histogram, percentile, select_images, summarize
 from worker.contracts import DetectionDoc, ErrorDoc, LabelDoc, ResultDoc, ServiceRef, SourceRef
 from worker.jobs import JobSpec, JobStatus
 
