@@ -52,7 +52,7 @@ def enqueue(
     store = BlobStore.from_settings(settings)
     options = EnqueueOptions(limit=limit, window=window or settings.enqueue_window)
     if resume is not None:
-        _check_origin(jobs, resume, settings)
+        check_origin(jobs, resume, settings)
         spec, job_id = jobs.spec(resume), resume
     elif container is None:
         raise typer.BadParameter("--container is required (or --resume JOB)")
@@ -123,7 +123,7 @@ def _job_spec(
     )
 
 
-def _check_origin(jobs: JobStore, job_id: str, settings: Settings) -> None:
+def check_origin(jobs: JobStore, job_id: str, settings: Settings) -> None:
     """Refuse to act on a job listed from another storage account: its results are not where these settings look."""
     origin, here = jobs.origin(job_id), settings.deployment
     if origin.account != here.account:
@@ -134,11 +134,11 @@ def _check_origin(jobs: JobStore, job_id: str, settings: Settings) -> None:
         )
 
 
-def _existing_job(job_id: str) -> tuple[Settings, JobStore]:
+def existing_job(job_id: str) -> tuple[Settings, JobStore]:
     """The settings and job store for a command on an existing job of this deployment (`_check_origin`)."""
     settings = load_settings()
     jobs = JobStore.from_settings(settings)
-    _check_origin(jobs, job_id, settings)
+    check_origin(jobs, job_id, settings)
     return settings, jobs
 
 
@@ -154,7 +154,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """How many images of a job were listed, scored, rejected, are retrying or pending."""
-    settings, jobs = _existing_job(job_id)
+    settings, jobs = existing_job(job_id)
     current = _watch(jobs, job_id, settings) if watch else jobs.status(job_id)
     problems = _problems(jobs, settings, current)
     if as_json:
@@ -215,7 +215,7 @@ def results(
     output_format: Annotated[str, typer.Option("--format", help="jsonl, csv or table.")] = "jsonl",
 ) -> None:
     """Export a job's result documents."""
-    settings, jobs = _existing_job(job_id)
+    settings, jobs = existing_job(job_id)
     docs = exports.job_results(BlobStore.from_settings(settings), jobs, job_id)
     if output_format == "jsonl":
         for doc in docs:
@@ -236,7 +236,7 @@ def reconcile(
 ) -> None:
     """Compare a job's listing with its results; re-queue every image that has neither."""
     from producer.reconcile import reconcile as run_reconcile
-    settings, jobs = _existing_job(job_id)
+    settings, jobs = existing_job(job_id)
     spec = jobs.spec(job_id)
     publish = None if dry_run else TaskPublisher(publisher_app(settings), settings.queue_for(spec.service))
     report = run_reconcile(BlobStore.from_settings(settings), jobs, publish, job_id)

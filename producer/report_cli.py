@@ -11,28 +11,19 @@ import typer
 from rich.console import Console
 
 from producer import exports
+from producer.job_cli import check_origin
 from producer.report import make_thumbnail, render_report
 from producer.report_figures import select_images
 from worker.contracts import ResultDoc, normalize_etag
 from worker.errors import BlobscoreError
 from worker.jobs import JobStore
-from worker.settings import Settings, load_settings
+from worker.settings import load_settings
 from worker.storage import BlobStore
 
 report_app = typer.Typer()
 console = Console(stderr=True)
 # Source blobs downloaded at once for thumbnails: Blob Storage latency, not CPU, is what they wait on.
 DOWNLOAD_THREADS = 8
-
-
-def _check_origin(jobs: JobStore, job_id: str, settings: Settings) -> None:
-    # The same rule as the other job commands: a job listed from another account has its results elsewhere.
-    origin, here = jobs.origin(job_id), settings.deployment
-    if origin.account != here.account:
-        raise BlobscoreError(
-            f"job {job_id} was listed from storage account {origin.account} but these settings reach {here.account}: "
-            "run this command with the job's deployment's settings"
-        )
 
 
 def _thumbnail_of(store: BlobStore, doc: ResultDoc, max_bytes: int) -> bytes | None:
@@ -73,7 +64,7 @@ def report(
     """
     settings = load_settings()
     jobs = JobStore.from_settings(settings)
-    _check_origin(jobs, job_id, settings)
+    check_origin(jobs, job_id, settings)
     store = BlobStore.from_settings(settings)
     status, spec = jobs.status(job_id), jobs.spec(job_id)
     docs = exports.job_results(store, jobs, job_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -53,14 +52,14 @@ def _settings_for_scoring(
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise typer.BadParameter("--address must be HOST:PORT")
-    key = os.environ.get(key_env) if key_env else None
-    if key_env and key is None:
-        raise typer.BadParameter(f"environment variable {key_env} is not set")
-    return load_settings(
-        scoring_address=host.strip("[]"), scoring_port=int(port), scoring_tls=tls, scoring_key=key,
-        scoring_service_name=service_name, scoring_model=model or settings.scoring_model,
-        service=service_name or address,
-    )
+    # A one-service registry: the settings loader reads the key from the variable it names, as for any service.
+    name = service_name or address
+    services = {name: {"name": name, "address": host.strip("[]"), "port": int(port), "tls": tls, "key_env": key_env,
+                       "route": service_name, "model": model or settings.scoring_model}}
+    scoring = load_settings(services=services, service=name)
+    if key_env and scoring.service_config(name).key is None:
+        raise typer.BadParameter(f"environment variable {key_env} is not set", param_hint="--key-env")
+    return scoring
 
 
 @service_app.command()

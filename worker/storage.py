@@ -39,7 +39,7 @@ TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 JSON_CONTENT = ContentSettings(content_type="application/json")
 LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 30
+READ_TIMEOUT_S = 20  # between two reads of one response, not for the whole body
 DOWNLOAD_BLOCK_BYTES = 256 * 1024
 
 
@@ -60,10 +60,11 @@ def _session(pool_size: int, use_env_proxies: bool) -> requests.Session:
 
 def _client_options(settings: Settings) -> dict[str, Any]:
     # The SDK's default retry waits 15 s, then 18 s, then 42 s inside one call; our task-level policy retries
-    # with backoff and jitter already, so the SDK only smooths over a blip, quickly.
+    # with backoff and jitter already, so the SDK only smooths over a blip, quickly: one retry, so that a command
+    # facing an endpoint that does not answer says so within ~40 s (it took 1 min 40 s with three tries of 30 s).
     session = _session(max(10, settings.worker_concurrency), settings.blob_use_env_proxies)
     return {
-        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=2),
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1),
         # Responses are read in blocks of this size: azure-core's 4 KB default made a 6 MB photo's download cost
         # 27 ms of CPU against 11 ms at 256 KB (bench/README.md, the photo corpus profile).
         "transport": RequestsTransport(

@@ -131,9 +131,20 @@ def test_score_exit_codes(tmp_path: Path, redis_url: str, azurite: Any) -> None:
         return subprocess.run([sys.executable, "-m", "producer.cli", "score", *map(str, files), "--json"], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False).returncode
 
+    def score_at(key_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        # A service given on the command line, its key read from the variable --key-env names.
+        argv = [sys.executable, "-m", "producer.cli", "score", str(good), "--address", f"127.0.0.1:{port}",
+                "--model", "resnet50", "--service-name", SERVICE, "--key-env", "MY_SCORING_KEY", "--json"]
+        return subprocess.run(argv, env={**env, **key_env}, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+
     try:
         assert score(good) == 0
         assert score(good, text) == 1
         assert score(good, tmp_path / "missing.jpg") == 1
+        assert score_at({"MY_SCORING_KEY": "score-key"}).returncode == 0
+        unset = score_at({})
+        assert unset.returncode == 2
+        assert "MY_SCORING_KEY is not set" in unset.stderr
     finally:
         standin.stop()
