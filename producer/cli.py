@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from producer.exporter_cli import exporter_app
+from producer.flower_cli import flower_app
 from producer.job_cli import job_app
 from producer.output_cli import EXIT_USAGE
 from producer.report_cli import report_app
@@ -36,6 +37,7 @@ app.add_typer(service_app)
 mount_schedules(app)
 app.add_typer(report_app)
 app.add_typer(exporter_app)
+app.add_typer(flower_app)
 
 
 def _version(value: bool) -> None:

@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # can race kombu into stopping the whole worker ("'NoneType' object has no attribute 'hostname'"). Off unless
     # you watch workers with Flower.
     worker_remote_control: bool = False
+    # Celery task events, for Flower's task views: about 1 ms of worker CPU per image. Off unless you watch tasks.
+    worker_task_events: bool = False
     # Prometheus metrics of each worker process at http://<metrics_host>:<metrics_port>/metrics (worker/metrics.py);
     # off when unset. One port per process: give each process on one host its own.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

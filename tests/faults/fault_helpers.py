@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,10 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+import harness
 import pytest
 import redis
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+from harness import service_env
 from shared_helpers import run_cli_json, settings_of
 
 from deploy.local.azurite import AzuriteUnavailableError, start_azurite
@@ -36,7 +37,6 @@ from deploy.local.procs import ManagedProcess
 from worker.jobs import JobStore
 from worker.results import result_location
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "faults-secret-key"
 AZURITE_ACCOUNT_PATH = "/devstoreaccount1/"
 # Short timeouts so that every recovery (visibility timeout included) fits in seconds, not minutes. The settings
@@ -75,23 +75,9 @@ def fault_env(
     *, broker_url: str, blob_connection_string: str, scoring_port: int, service: str,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The BLOBSCORE_* environment of one test's workers and CLI: own queue, short timeouts, real services."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("BLOBSCORE_")}
-    env.update({
-        "BLOBSCORE_BROKER_URL": broker_url,
-        "BLOBSCORE_QUEUE": f"faults-{uuid.uuid4().hex[:8]}",
-        "BLOBSCORE_BLOB_CONNECTION_STRING": blob_connection_string,
-        "BLOBSCORE_SCORING_ADDRESS": "127.0.0.1",
-        "BLOBSCORE_SCORING_PORT": str(scoring_port),
-        "BLOBSCORE_SCORING_KEY": KEY,
-        "BLOBSCORE_SCORING_SERVICE_NAME": service,
-        "BLOBSCORE_SCORING_MODEL": "resnet50",
-        "BLOBSCORE_SERVICE": service,
-        "PYTHONUNBUFFERED": "1",
-        **FAST_SETTINGS,
-    })
-    env.update(extra or {})
-    return env
+    """The BLOBSCORE_* environment of one test's workers and CLI (tests/harness.py): own queue, short timeouts."""
+    return service_env(broker_url=broker_url, connection_string=blob_connection_string, scoring_port=scoring_port,
+                       key=KEY, service=service, queue_prefix="faults", extra={**FAST_SETTINGS, **(extra or {})})
 
 
 # --- images -------------------------------------------------------------------------------------------------------
@@ -127,18 +113,14 @@ def start_standin(
     procs: Processes, workdir: Path, port: int, *args: str, stats_file: Path, service: str,
     no_model: bool = True, tag: str = "standin",
 ) -> ManagedProcess:
-    """A real `python -m deploy.standin` on 127.0.0.1:`port` (0: a free one), once it listens."""
-    argv = [sys.executable, "-m", "deploy.standin", "--port", str(port), "--service-name", service,
-            "--stats-file", str(stats_file), *args]
+    """A real `python -m deploy.standin` on 127.0.0.1:`port` (0: a free one), once it listens (tests/harness.py)."""
+    argv = ["--service-name", service, "--stats-file", str(stats_file), *args]
     if no_model:
         argv += ["--no-model"]
         if not any(arg.startswith("--emulate-latency-ms") for arg in args):
             argv += ["--emulate-latency-ms", "20"]
-    process = procs.track(ManagedProcess.start(
-        argv, workdir / f"{tag}.log", env={**os.environ, "BLOBSCORE_STANDIN_KEY": KEY}, cwd=REPO,
-    ))
-    process.wait_for_log(r"listening on [^\s]+:(\d+)", timeout=120)
-    return process
+    process, _ = harness.start_standin(workdir, *argv, key=KEY, port=port, log_name=f"{tag}.log")
+    return procs.track(process)
 
 
 def standin_port(process: ManagedProcess) -> int:
@@ -149,13 +131,8 @@ def standin_port(process: ManagedProcess) -> int:
 def start_worker(
     procs: Processes, env: dict[str, str], log: Path, concurrency: int = 2, extra: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """A real `python -m worker` (Celery, thread pool), once it says it is ready."""
-    process = procs.track(ManagedProcess.start(
-        [sys.executable, "-m", "worker"], log,
-        env={**env, **(extra or {}), "BLOBSCORE_WORKER_CONCURRENCY": str(concurrency)}, cwd=log.parent,
-    ))
-    process.wait_for_log(r"ready\.", timeout=90)
-    return process
+    """A real `python -m worker` (Celery, thread pool), once it says it is ready (tests/harness.py)."""
+    return procs.track(harness.start_worker(env, log, concurrency, extra))
 
 
 def kill9(process: ManagedProcess) -> float:

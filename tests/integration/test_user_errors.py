@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -10,9 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import harness
 import pytest
 from azure.storage.blob import BlobServiceClient
-from pipeline_helpers import REPO, blobscore_env, start_worker
+from pipeline_helpers import blobscore_env, start_worker
 from shared_helpers import jpeg_bytes, run_cli_json
 
 from deploy.local.procs import ManagedProcess, free_port
@@ -23,12 +23,8 @@ SERVICE = "keys"
 
 
 def _standin(workdir: Path, port: int, key: str, tag: str) -> ManagedProcess:
-    process = ManagedProcess.start(
-        [sys.executable, "-m", "deploy.standin", "--port", str(port), "--service-name", SERVICE, "--no-model",
-         "--emulate-latency-ms", "5"], workdir / f"{tag}.log", env={**os.environ, "BLOBSCORE_STANDIN_KEY": key},
-        cwd=REPO,
-    )
-    process.wait_for_log(r"listening on [^\s]+:(\d+)", timeout=120)
+    process, _ = harness.start_standin(workdir, "--service-name", SERVICE, "--no-model", "--emulate-latency-ms", "5",
+                                       key=key, port=port, log_name=f"{tag}.log")
     return process
 
 
