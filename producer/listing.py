@@ -83,7 +83,7 @@ def results_for_page(
     bound = max(result_blob_name(results_prefix, name) for name in names)
     ahead, continuation, exhausted = dict(cursor.ahead), cursor.continuation, cursor.exhausted
     last_read = cursor.last_read
-    while not exhausted and (last_read is None or last_read <= bound):
+    while not exhausted and (last_read is None or last_read < bound):
         entries, continuation = read_page(continuation)
         for name, metadata in entries:
             last_read = name
