@@ -29,6 +29,7 @@ import pytest
 import redis
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+from harness import REPO as REPO  # re-exported: the fault scenarios take it from here
 from harness import service_env
 from shared_helpers import run_cli_json, settings_of
 
