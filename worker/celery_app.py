@@ -59,8 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout_s,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,
-        # Remote control is a pub/sub subscription per worker: the read that, across a Redis restart, can stop the
-        # whole worker with kombu's "'NoneType' object has no attribute 'hostname'". Opt-in (for Flower).
+        # Remote control (a pub/sub subscription per worker) stays on: it is how the consumer notices a Redis
+        # restart (see the setting).
         "worker_enable_remote_control": settings.worker_remote_control,
         # Task events (what Flower shows per task) cost about 1 ms of worker CPU per image (bench/README.md): opt-in.
         "worker_send_task_events": settings.worker_task_events,
