@@ -127,7 +127,8 @@ class Scorer:
     ) -> None:
         self._service = service
         self._channel = channel
-        self._predict = wire.predict_callable(channel)
+        # Requests go out already serialized: the image is copied once on our side, not twice (worker/wire.py).
+        self._predict = wire.predict_bytes_callable(channel)
         self._profile = profile
         self._input_name = input_name
         self._metadata = metadata
@@ -153,7 +154,7 @@ class Scorer:
 
     def predict(self, image: bytes) -> dict[str, npt.NDArray[np.float32]]:
         """The profile's output tensors for one image (batch dimension kept), in one request under the deadline."""
-        request = wire.image_request(image, self._input_name)
+        request = wire.encoded_image_request(image, self._input_name)
         try:
             response = self._predict(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:

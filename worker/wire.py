@@ -105,6 +105,50 @@ def image_request(
     return request
 
 
+# The PredictRequest of one image, spelled out in protobuf's wire format (what SerializeToString writes, byte for
+# byte): field 2 `inputs` holds one map entry {1: key, 2: TensorProto {1: dtype DT_STRING, 2: shape {2: dim {1: 1}},
+# 8: string_val [image]}}. Everything but the image is a few dozen bytes; only the length prefixes depend on it.
+_LEN = 2  # protobuf wire type of a length-delimited field
+_REQUEST_INPUTS = bytes([2 << 3 | _LEN])
+_ENTRY_KEY = bytes([1 << 3 | _LEN])
+_ENTRY_VALUE = bytes([2 << 3 | _LEN])
+_STRING_TENSOR_HEAD = bytes([1 << 3, DT_STRING, 2 << 3 | _LEN, 4, 2 << 3 | _LEN, 2, 1 << 3, 1, 8 << 3 | _LEN])
+
+
+def _varint(value: int) -> bytes:
+    """`value` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encoded_image_request(image_bytes: bytes, input_name: str) -> bytes:
+    """The serialized PredictRequest for one encoded image: `image_request(...).SerializeToString()`, byte for byte,
+    with the image copied once.
+
+    Building the message copies the image into protobuf's arena and serializing copies it again (upb's encoder
+    also grows its buffer as it goes): ~0.5 ms of CPU per MB, with the GIL held, on top of gRPC's own copy into
+    its send buffer. Writing the few header bytes around the image ourselves leaves one `join`; send the result
+    with `predict_bytes_callable` (no serializer).
+    """
+    key = input_name.encode("utf-8")
+    image_length = _varint(len(image_bytes))
+    tensor_size = len(_STRING_TENSOR_HEAD) + len(image_length) + len(image_bytes)
+    entry_head = b"".join((_ENTRY_KEY, _varint(len(key)), key, _ENTRY_VALUE, _varint(tensor_size)))
+    return b"".join((_REQUEST_INPUTS, _varint(len(entry_head) + tensor_size), entry_head, _STRING_TENSOR_HEAD,
+                     image_length, image_bytes))
+
+
+def predict_bytes_callable(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    """Like `predict_callable`, but taking the request already serialized (`encoded_image_request`)."""
+    return channel.unary_unary(
+        PREDICT_METHOD, request_serializer=None, response_deserializer=PredictResponse.FromString
+    )
+
+
 def tensor_shape(tensor: TensorProto) -> tuple[int, ...]:
     """The fully defined shape of `tensor`; ValueError for an unknown rank or a negative dimension."""
     if tensor.tensor_shape.unknown_rank:

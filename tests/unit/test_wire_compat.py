@@ -62,6 +62,25 @@ def test_our_image_request_is_byte_identical_to_the_official_one(jpeg_bytes: byt
     )
 
 
+# Sizes around every varint length boundary of the image's and the enclosing messages' length prefixes.
+@pytest.mark.parametrize("size", [0, 1, 100, 127, 128, 16_370, 16_383, 16_384, 2_097_140, 2_097_152, 6_000_000])
+@pytest.mark.parametrize("input_name", ["Placeholder:0", "images", "", "é" * 130])
+def test_the_hand_encoded_request_is_byte_identical_to_the_official_one(size: int, input_name: str) -> None:
+    image = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    encoded = wire.encoded_image_request(image, input_name)
+    assert encoded == official_image_request(image, input_name).SerializeToString()
+    assert encoded == wire.image_request(image, input_name).SerializeToString()
+
+
+def test_the_hand_encoded_request_parses_with_the_official_class(jpeg_bytes: bytes) -> None:
+    parsed = predict_pb2.PredictRequest.FromString(wire.encoded_image_request(jpeg_bytes, "Placeholder:0"))
+    tensor = parsed.inputs["Placeholder:0"]
+    assert list(parsed.inputs) == ["Placeholder:0"]
+    assert tensor.dtype == types_pb2.DT_STRING
+    assert [dim.size for dim in tensor.tensor_shape.dim] == [1]
+    assert tf.make_ndarray(tensor).tolist() == [jpeg_bytes]
+
+
 def test_our_request_parses_with_the_official_class(jpeg_bytes: bytes) -> None:
     request = wire.image_request(jpeg_bytes, "Placeholder:0", output_filter=[RESNET50_OUTPUT], model_name="m")
     request.model_spec.version.value = 3
