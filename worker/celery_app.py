@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_postrun, task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
+from worker.kombu_restore import keep_unrestorable_messages
 from worker.leases import Lease, reclaim
 from worker.presence import Presence
 from worker.redis_client import open_redis
@@ -80,6 +81,7 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
 
     A worker passes the queues it `consumes`: once it is ready it publishes its presence (worker/presence.py).
     """
+    keep_unrestorable_messages()  # kombu would delete a message it fails to restore (worker/kombu_restore.py)
     app = Celery("blobscore")
     app.conf.update(celery_config(settings))
     resources = ProcessResources(settings)

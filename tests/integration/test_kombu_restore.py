@@ -1,0 +1,45 @@
+"""kombu on a real Redis: a message it fails to restore stays unacknowledged instead of vanishing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from worker.kombu_restore import RestoreFailedError, keep_unrestorable_messages
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_failed_restore_keeps_the_message_and_a_good_one_requeues_it(redis_url: str) -> None:
+    keep_unrestorable_messages()
+    queue = f"restore-{uuid.uuid4().hex[:8]}"
+    tag = f"tag-{uuid.uuid4().hex}"
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as connection:
+        channel: Any = connection.default_channel
+        channel.exchange_declare(queue, type="direct")
+        channel.queue_declare(queue)
+        channel.queue_bind(queue, exchange=queue, routing_key=queue)
+        payload = {"body": "x", "headers": {}, "properties": {"delivery_info": {}}}
+        client.hset("unacked", tag, json.dumps([payload, queue, queue]))
+        client.zadd("unacked_index", {tag: 1.0})
+
+        def broken_lookup(*_: Any, **__: Any) -> list[str]:
+            raise AttributeError("'NoneType' object has no attribute 'hostname'")  # kombu's state mid-restart
+
+        channel._lookup = broken_lookup
+        with pytest.raises(RestoreFailedError):
+            channel.qos.restore_by_tag(tag)
+        assert client.hexists("unacked", tag), "an unrestorable message must stay unacknowledged, not vanish"
+        assert client.llen(queue) == 0
+        del channel._lookup  # the channel's own lookup again
+        channel.qos.restore_by_tag(tag)
+        assert not client.hexists("unacked", tag)
+        assert client.llen(queue) == 1
+    client.delete(queue)
+    client.close()
