@@ -1,25 +1,28 @@
 """A chaos run: minutes of random faults against real workers scoring real JPEGs, then one JSON report.
 
-    .venv/bin/python bench/chaos.py --out /tmp/chaos.json      # 10 minutes of faults (~13 minutes in all)
-    .venv/bin/python bench/chaos.py --duration 60 --images 300 --workers 2 --latency-ms 1500 --seed 3
+    .venv/bin/python bench/chaos.py --out /tmp/chaos.json      # 10 minutes of faults, ~12-17 minutes in all
+    .venv/bin/python bench/chaos.py --duration 60 --images 300 --workers 2 --latency-ms 1500 --seed 12
+    .venv/bin/python bench/chaos.py --duration 45 --kinds kill9_worker redis_restart --workdir /tmp/chaos
 
 Not a test and not part of `make test`: tests/faults/test_chaos.py runs a 60-second version of the same code.
 
 Everything is private and on 127.0.0.1, started the way the fault suite starts it (tests/faults/fault_helpers.py):
-a redis-server (append-only, `appendfsync always`), an Azurite keeping its data on disk with its access log on (how
-result writes are counted), a stand-in scorer (`--no-model --emulate-latency-ms L`) and `python -m worker`
-processes (thread pool, concurrency 4) with the fault suite's short timeouts but the production visibility
-timeout (240 s): a killed or paused worker's images can only come back quickly through the leases
-(worker/leases.py). The Predict deadline is 5 s so that the "slow scorer" fault is slowness, not an outage.
+a redis-server (append-only, `appendfsync always`, its AOF never rewritten and time-stamped: the broker's flight
+recorder), an Azurite keeping its data on disk with its access log on (how result writes are counted), a stand-in
+scorer (`--no-model --emulate-latency-ms L`) and `python -m worker` processes (thread pool, concurrency 4) with the
+fault suite's short timeouts but the production visibility timeout (240 s): a killed or paused worker's images can
+only come back quickly through the leases (worker/leases.py). The Predict deadline is 5 s so that the "slow
+scorer" fault is slowness, not an outage.
 
 Work in flight all along: each job is a fresh container of small real JPEGs (shared_helpers.jpeg_bytes, distinct
 bytes everywhere, so the stand-in's per-hash call counts are per image) plus six hostile files, one per rejection
-code the image check gives. The next container is uploaded while the current job runs and enqueued when the
-current one is nearly drained; the last one is cut (`enqueue --limit`) to what the measured rate can finish before
-the faults stop, so the faults always strike while images are in flight and the job still ends soon after them.
-Why not a stand-in latency that makes one container last the whole run: 2,000 images over 3 workers x 4 threads
-for ten minutes means a 3.6 s Predict, a handful of calls per second; feeding keeps a realistic 0.5 s Predict
-(~20 images/s) and several thousand images go through the faults instead of 2,000.
+code of the image check. The first job is --images (2,000) healthy images enqueued at the start; when the newest
+job is nearly drained the next container is enqueued, sized to 60 % of what the measured rate finishes in the next
+minute or before the faults end (at least twice what the workers hold at once), so the faults always strike while
+images are in flight and little is left when they stop. Why not a Predict latency that makes 2,000 images last ten
+minutes: 12 threads at ~200 ms score ~60 images/s (2,000 in ~35 s, not ten minutes); lasting ten minutes would take
+a 3.6 s Predict, a handful of calls a second. With 0.5 s (at most 24 images/s, 4-10 measured under the faults on 2
+shared cores) several thousand images go through the faults.
 
 Faults, one at a time, a random pause (2-8 s) between them, everything drawn from one seeded generator:
 kill -9 of a worker (a replacement is started at once, as a supervisor would), SIGSTOP of a worker for 5-25 s
@@ -28,11 +31,13 @@ then SIGCONT, a Redis restart (SIGTERM or SIGKILL, down 0.5-3 s, same port and d
 2-8 s later) and a slow scorer (the stand-in restarted with `--delay-ms 2500` for 10-30 s, then a normal one).
 Redis and Azurite restarts never overlap an `enqueue` command: the producer is not under test here.
 
-A supervisor thread restarts any worker that dies without our kill and records it; a sampler watches kombu's
-unacked index for messages held far longer than any live worker holds one (stranded until the visibility
-timeout). At the end: faults stop, every job is awaited (at most 5 minutes after the last fault), and each job is
-tallied as the fault suite does (lost: a listed image without a current result; doubled: more than one result
-write in Azurite's access log). Exit code 1 if anything is lost or doubled or a job is not done in time.
+A supervisor thread restarts any worker that dies without our kill and records how it ended; a sampler watches
+kombu's unacked index for messages held far longer than any live worker holds one. At the end: faults stop, every
+job is awaited (at most 5 minutes after the last fault) and tallied as the fault suite does (lost: a listed image
+with no current result whose message is neither queued nor unacknowledged; doubled: more than one result write in
+Azurite's access log; rewritten: a result modified after its creation). For a lost image the report quotes every
+broker command its messages went through (from the AOF), then `blobscore reconcile` is run on each unfinished job.
+Exit code 1 on any failure in the report: lost or doubled images, a job not done in time, a run that went wrong.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,7 +74,7 @@ from azure.core.exceptions import ResourceExistsError  # noqa: E402
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 from fault_helpers import FaultJob, Processes, fault_env, kill9, start_standin, start_worker  # noqa: E402
 from PIL import Image  # noqa: E402
-from shared_helpers import jpeg_bytes, settings_of  # noqa: E402
+from shared_helpers import jpeg_bytes, run_cli_json, settings_of  # noqa: E402
 
 from deploy.local.azurite import connection_string, start_azurite  # noqa: E402
 from deploy.local.procs import ManagedProcess, ProcessExitedError, free_port  # noqa: E402
@@ -96,8 +101,8 @@ UNPUBLISHED_WINDOW_S = 1.0
 FEED_SAFETY = 0.6
 FEED_HORIZON_S = 60.0
 # Markers in the workers' logs worth counting: what the leases did, and anything that looks like a crash.
-LOG_MARKERS = ("requeued now", "taken over", "lost their acknowledgement", "Unrecoverable error", "Traceback",
-               "CRITICAL", "too_many_attempts")
+LOG_MARKERS = ("requeued now", "taken over", "lost their acknowledgement", "held by no live worker",
+               "Unrecoverable error", "Traceback", "CRITICAL", "too_many_attempts")
 EXPECTED_CODES = {"bad/empty.jpg": "empty", "bad/text.jpeg": "not_an_image", "bad/png-named.jpg": "unsupported_format",
                   "bad/truncated.jpg": "truncated", "bad/claims-60000x60000.jpg": "too_many_pixels",
                   "bad/over-the-cap.jpg": "too_large"}
@@ -128,6 +133,10 @@ class Clock:
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 1)
+
+    def of_wall(self, wall: float) -> float:
+        """A wall-clock time (time.time()) on this clock."""
+        return round(wall - time.time() + time.monotonic() - self.t0, 1)
 
 
 # --- input --------------------------------------------------------------------------------------------------------
@@ -185,8 +194,11 @@ def start_durable_redis(port: int, data_dir: Path) -> ManagedProcess:
 
     (deploy.local.redis_local.start_redis has append-only but the default `everysec` fsync.)"""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The AOF doubles as the broker's flight recorder: never rewritten (the history of every message stays in it)
+    # and stamped with the time, so a lost image's messages can be traced command by command (aof_trace).
     argv = [ensure_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--logfile", ""]
+            "--save", "", "--appendonly", "yes", "--appendfsync", "always", "--auto-aof-rewrite-percentage", "0",
+            "--aof-timestamp-enabled", "yes", "--daemonize", "no", "--logfile", ""]
     process = ManagedProcess.start(argv, data_dir / "redis.log", cwd=data_dir)
     deadline = time.monotonic() + 30
     while not redis_answers(f"redis://127.0.0.1:{port}/0"):
@@ -323,12 +335,7 @@ class Workers:
             for slot in self.slots:
                 if slot.process.alive():
                     continue
-                tail = slot.process.log_tail(25)
-                self.exits.append({
-                    "slot": slot.number, "pid": slot.process.pid, "at_s": self.clock.now(),
-                    "returncode": slot.process.returncode, "log": str(slot.process.log),
-                    "unrecoverable_error": "Unrecoverable error" in tail, "log_tail": tail.splitlines()[-12:],
-                })
+                self.exits.append(_exit_record(slot, self.clock))
                 slot.generation += 1
                 slot.process = self._start(slot.number, slot.generation)
 
@@ -343,12 +350,30 @@ class Workers:
         return {marker: text.count(marker) for marker in LOG_MARKERS}
 
 
+def _exit_record(slot: Slot, clock: Clock) -> dict[str, Any]:
+    """How a worker that nobody killed ended: exit status, the last lines it logged, and its last CRITICAL line
+    with the end of the traceback that follows it (the reason, when Celery gave one)."""
+    lines = slot.process.log.read_text(errors="replace").splitlines() if slot.process.log.exists() else []
+    critical = [index for index, line in enumerate(lines) if " CRITICAL " in line]
+    reason: list[str] = []
+    if critical:
+        following = lines[critical[-1]:]
+        end = next((index for index, line in enumerate(following[1:], 1) if line[:4].isdigit()), len(following))
+        reason = [following[0], *following[max(1, end - 24):end]]
+    return {"slot": slot.number, "pid": slot.process.pid, "at_s": clock.now(),
+            "returncode": slot.process.returncode, "log": str(slot.process.log),
+            "unrecoverable_error": any("Unrecoverable error" in lines[index] for index in critical),
+            "critical": [line.strip() for line in reason if line.strip() and set(line.strip()) != {"^"}],
+            "log_tail": lines[-6:]}
+
+
 # --- jobs ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ChaosJob(FaultJob):
-    """A FaultJob whose result-name lookup is one dict (the helper's rebuilds it per name: O(n²) on 2,000)."""
+    """A FaultJob of the chaos run: its number and end, results read once, and a result-name lookup that is one
+    dict (the helper's rebuilds it per name: O(n²) on 2,000 images)."""
 
     number: int = 0
     done_at: float | None = None
@@ -415,8 +440,8 @@ def _retrying(action: Callable[[], Any], timeout_s: float = 120.0) -> Any:
 
 
 class Feeder(threading.Thread):
-    """Keeps work in flight: the next container is uploaded ahead and enqueued when the current job is nearly
-    drained; the last one is cut to what the measured rate finishes before the faults end."""
+    """Keeps work in flight: the next container is uploaded ahead and enqueued when the newest job is nearly
+    drained, sized so that little is left when the faults end (`_next_size`)."""
 
     def __init__(self, make_job: Callable[[int, int], ChaosJob], storage_lock: threading.Lock, config: ChaosConfig,
                  clock: Clock, faults_end_at: float) -> None:
@@ -756,6 +781,12 @@ def build_report(config: ChaosConfig, clock: Clock, workdir: Path, feeder: Feede
                  all_done: bool) -> dict[str, Any]:
     jobs = [job_summary(job, clock) for job in feeder.jobs]
     tallied = [job for job in jobs if "listed" in job]
+    # The evidence first (the broker's history of each lost image), then the repair the product offers.
+    lost_images = {(job["container"], name) for job in tallied for name in job["lost_names"]}
+    traces = aof_trace(workdir / "redis", lost_images, clock) if lost_images else {}
+    for summary, job in zip(jobs, feeder.jobs, strict=True):
+        if job.job_id is not None and summary.get("state") != "done":
+            summary["after_reconcile"] = reconcile(job)
     done_times = [job.done_at for job in feeder.jobs if job.done_at is not None]
     last_done = max(done_times) if done_times else None
     recovery = None if last_done is None or not all_done else round(last_done - last_fault_end, 1)
@@ -787,6 +818,7 @@ def build_report(config: ChaosConfig, clock: Clock, workdir: Path, feeder: Feede
         "worker_start_failures": workers.start_failures,
         "worker_log_markers": workers.log_markers(),
         "stranded_messages": stranded,
+        "lost_image_broker_history": traces,
         "stranded_all_in_unpublished_window": all(entry["kill9_after_delivery_s"] is not None for entry in stranded),
         "tracker_errors": dict(tracker.errors),
         "jobs": jobs,
@@ -839,6 +871,96 @@ def _task_of(message: Any) -> dict[str, Any] | None:
     except (ValueError, KeyError, IndexError, TypeError):
         return None
     return task if isinstance(task, dict) and "blob" in task and "container" in task else None
+
+
+def aof_trace(redis_dir: Path, images: set[tuple[str, str]], clock: Clock, limit: int = 60) -> dict[str, Any]:
+    """Every broker command that touched a message of each (container, blob), from the never-rewritten AOF: its
+    publications and restores (LPUSH/RPUSH), deliveries (HSET/ZADD unacked), acks and restores (HDEL/ZREM), and the
+    leases that published it (SADD held:<worker>). BRPOP is logged by Redis as a bare RPOP of the queue, which
+    names no message: a delivery shows as its HSET, and a message popped but never recorded shows as nothing."""
+    commands = list(_aof_commands(redis_dir / "appendonlydir"))
+    tags: dict[str, tuple[str, str]] = {}
+    for _, args in commands:
+        for payload in args[2:]:
+            task, tag = _message_of(payload)
+            if task is not None and (task["container"], task["blob"]) in images and tag:
+                tags[tag] = (task["container"], task["blob"])
+    trace: dict[str, list[dict[str, Any]]] = {f"{container}/{blob}": [] for container, blob in images}
+    for wall, args in commands:
+        tag = _tag_in(args, tags)
+        if tag is not None:
+            container, blob = tags[tag]
+            trace[f"{container}/{blob}"].append({
+                "at_s": clock.of_wall(wall) if wall else None, "cmd": args[0].decode().upper(),
+                "key": _short_key(args[1].decode(errors="replace")), "tag": tag[:8]})
+    return {image: entries[-limit:] for image, entries in trace.items()}
+
+
+def _short_key(key: str) -> str:
+    """`unacked`, `queue`, `held:<worker id>` (the lease that published the tag), ..."""
+    if ":held:" in key:
+        return "held:" + key.rsplit(":", 1)[1]
+    return "queue" if "." in key and ":" not in key else key
+
+
+def _tag_in(args: list[bytes], tags: dict[str, tuple[str, str]]) -> str | None:
+    """The traced delivery tag a command names, as an argument (HDEL, ZREM, ZADD) or inside a message it stores."""
+    for arg in args[1:]:
+        if len(arg) == 36 and arg.decode(errors="replace") in tags:
+            return arg.decode()
+    for payload in args[2:]:
+        _, tag = _message_of(payload)
+        if tag in tags:
+            return tag
+    return None
+
+
+def _aof_commands(directory: Path) -> Iterator[tuple[float, list[bytes]]]:
+    """(time of its #TS annotation, arguments) of every command in the AOF's incremental files, in order."""
+    manifest = (directory / "appendonly.aof.manifest").read_text().split("\n")
+    files = [line.split()[1] for line in manifest if line.endswith("type i")]
+    wall = 0.0
+    for name in files:
+        data, pos = (directory / name).read_bytes(), 0
+        while pos < len(data):
+            end = data.index(b"\r\n", pos)
+            line, pos = data[pos:end], end + 2
+            if line.startswith(b"#TS:"):
+                wall = float(line[4:])
+            elif line.startswith(b"*"):
+                args = []
+                for _ in range(int(line[1:])):
+                    end = data.index(b"\r\n", pos)
+                    size = int(data[pos + 1:end])
+                    args.append(data[end + 2:end + 2 + size])
+                    pos = end + 4 + size
+                yield wall, args
+
+
+def _message_of(payload: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """(our task, delivery tag) of a kombu message as the broker stores it (queued: the message; unacked: a list
+    [message, exchange, routing key]); (None, None) for anything else."""
+    if not payload.startswith((b"{", b"[")) or b"delivery_tag" not in payload:
+        return None, None
+    try:
+        message = json.loads(payload)
+        message = message[0] if isinstance(message, list) else message
+        return _task_of(message), str(message["properties"]["delivery_tag"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, None
+
+
+def reconcile(job: ChaosJob, timeout_s: float = 60.0) -> dict[str, Any]:
+    """What the product offers for a stuck job: `blobscore reconcile JOB` re-queues every image with neither a
+    result nor an outcome; then the job should end. (Run after the tally, so the report still counts the loss.)"""
+    assert job.job_id is not None
+    try:
+        output = run_cli_json(job.env, job.workdir, "reconcile", job.job_id)
+    except Exception as exc:  # the command itself failed: reported as such
+        return {"error": str(exc)[-400:]}
+    started = time.monotonic()
+    _wait_for(lambda: job.status()["state"] == "done", timeout_s)
+    return {"reconcile": output, "state_after": job.status()["state"], "waited_s": round(time.monotonic() - started, 1)}
 
 
 def _totals(jobs: list[dict[str, Any]]) -> dict[str, Any]:
