@@ -239,8 +239,9 @@ def _check_dashboard_queries(api: PrometheusApi) -> None:
             expr = target["expr"].replace("$__rate_interval", "1m").replace("$service", ".*")
             assert "$" not in expr, expr
             api.query(expr)
-    answered = api.query(f'sum by (service) (rate(blobscore_images_total{{service=~"{SERVICE}"}}[1m]))')
-    assert answered, "the Images/s panel shows the service"
+    # rate() needs two samples of a series: a series born at the job's last image has one until the next scrape.
+    _eventually(lambda: api.query(f'sum by (service) (rate(blobscore_images_total{{service=~"{SERVICE}"}}[1m]))'),
+                "the Images/s panel shows the service")
 
 
 def _check_rules_evaluate(api: PrometheusApi) -> None:
