@@ -8,8 +8,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_postrun, task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
+from worker.kombu_landing import land_messages
 from worker.kombu_restore import keep_unrestorable_messages
-from worker.leases import Lease, reclaim
+from worker.leases import Lease, landing_key, reclaim
 from worker.presence import Presence
 from worker.redis_client import open_redis
 from worker.runtime import ProcessResources
@@ -87,6 +88,9 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     resources = ProcessResources(settings)
     presence = Presence(settings.key_prefix, consumes or [])
     lease = Lease(settings.key_prefix, app=app)
+    if consumes:
+        # A message taken off its queue stays in Redis until kombu records it (worker/kombu_landing.py).
+        lease.landing = land_messages(landing_key(settings.key_prefix), lease.worker_id)
     register_tasks(app, settings, resources, presence)
 
     def _received(request: Any = None, **_: Any) -> None:

@@ -18,9 +18,12 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import redis
+
+from worker import kombu_landing
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class Lease:
         self.worker_id = worker_id or new_worker_id()
         self._prefix = key_prefix
         self._app = app
+        self.landing: kombu_landing.Landing | None = None
         self._tags: set[str] = set()
         self._by_task: dict[str, list[str]] = {}
         self._finished: dict[str, float] = {}
@@ -141,6 +145,9 @@ class Lease:
                 for tag in lost:
                     self._finished.pop(tag, None)
             held = [tag for tag in held if tag not in lost]
+        if self.landing is not None and (back := kombu_landing.put_back_stale(broker, self.landing)):
+            log.warning("worker %s: %d messages taken while its broker connection dropped were put back on their "
+                        "queues", self.worker_id, back)
         if taken_over:
             log.warning("worker %s: its lease expired and was taken over (paused or cut off?): its unacknowledged "
                         "images were requeued; results stay single (create-only writes)", self.worker_id)
@@ -169,6 +176,12 @@ def workers_key(prefix: str) -> str:
 def lease_key(prefix: str, worker_id: str) -> str:
     """A worker's lease: present while it is alive."""
     return f"{prefix}lease:{worker_id}"
+
+
+def landing_key(prefix: str) -> str:
+    """The broker hash where a message stays from the moment it leaves its queue until kombu records it as
+    unacknowledged (worker/kombu_landing.py)."""
+    return f"{prefix}landing"
 
 
 def held_key(prefix: str, worker_id: str) -> str:
@@ -221,6 +234,23 @@ def reclaim_orphans(app: Any, client: redis.Redis, broker: redis.Redis, prefix: 
     """
     if not client.set(f"{prefix}orphan-sweep", me, nx=True, ex=int(ORPHAN_SWEEP_S)):
         return 0
+    landed = kombu_landing.put_back_dead(broker, landing_key(prefix), lambda owners: _alive(client, prefix, owners),
+                                         ORPHAN_AGE_S)
+    if landed:
+        log.warning("%d images a worker had taken off their queue when it died were put back", landed)
+    return landed + _reclaim_unacked_orphans(app, client, broker, prefix, queue_prefix)
+
+
+def _alive(client: redis.Redis, prefix: str, workers: Iterable[str]) -> set[str]:
+    ids = sorted(workers)
+    pipe = client.pipeline(transaction=False)
+    for worker in ids:
+        pipe.exists(lease_key(prefix, worker))
+    return {worker for worker, alive in zip(ids, pipe.execute(), strict=True) if alive}
+
+
+def _reclaim_unacked_orphans(app: Any, client: redis.Redis, broker: redis.Redis, prefix: str,
+                             queue_prefix: str) -> int:
     old = [str(tag) for tag in broker.zrangebyscore(UNACKED_INDEX_KEY, 0, time.time() - ORPHAN_AGE_S)]
     if not old:
         return 0
