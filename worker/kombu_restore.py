@@ -1,4 +1,5 @@
-"""One fix to kombu's Redis transport: a message it cannot restore stays unacknowledged instead of being deleted.
+"""Two fixes to kombu's Redis restore: a message it cannot restore stays unacknowledged, and a restore on a torn-down
+connection does not stop the worker.
 
 kombu restores a message by removing it from the `unacked` hash and pushing it back on its queue in one
 transaction — but when the push fails with anything other than a connection error (the chaos run hit
@@ -6,15 +7,25 @@ transaction — but when the push fails with anything other than a connection er
 restore message" and lets the transaction remove the message anyway: the image is lost, with no result. Raising
 instead aborts the transaction; the message stays unacknowledged, and the workers' leases (worker/leases.py)
 requeue it within seconds.
+
+Second: when a Redis restart breaks the consumer's connection, kombu closes the channel, which restores the
+messages it had delivered — through a connection pool that the same teardown has already dropped, so building a new
+one reads the settings of a connection that is gone and raises AttributeError ("'NoneType' object has no attribute
+'hostname'"). That error replaces the connection error Celery was handling, and Celery stops the worker
+("Unrecoverable error") instead of reconnecting. Here that restore gives up quietly: the messages stay
+unacknowledged; their tasks still run in the pool, and the lease requeues any message whose acknowledgement is lost
+(worker/leases.py), as for any ack lost in a restart.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
+log = logging.getLogger(__name__)
 _PATCHED = "_blobscore_keeps_unrestorable"
 
 
@@ -40,4 +51,22 @@ def keep_unrestorable_messages() -> None:
         original(self, payload, exchange, routing_key, pipe, leftmost)
 
     channel._do_restore_message = restore
+    qos: Any = kombu_redis.QoS
+    qos.restore_unacked = _tolerate_torn_down(qos.restore_unacked)
     setattr(channel, _PATCHED, True)
+
+
+def _tolerate_torn_down(original: Any) -> Any:
+    @functools.wraps(original)
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            original(self, client)
+        except AttributeError:
+            if client is not None or getattr(self.channel.connection, "client", True) is not None:
+                raise  # not the torn-down case: a real bug, let it surface
+            log.warning("kombu could not put back %d delivered messages: its connection was already torn down (a "
+                        "Redis restart); they stay unacknowledged until their tasks end or the lease requeues them",
+                        len(self._delivered))
+            self._delivered.clear()  # as after a restore: this channel is gone, and kombu asserts it is empty
+
+    return restore_unacked

@@ -43,3 +43,29 @@ def test_a_failed_restore_keeps_the_message_and_a_good_one_requeues_it(redis_url
         assert client.llen(queue) == 1
     client.delete(queue)
     client.close()
+
+
+def test_a_restore_on_a_torn_down_connection_keeps_the_messages_and_raises_nothing(redis_url: str) -> None:
+    keep_unrestorable_messages()
+    queue = f"torn-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url) as connection:
+        channel: Any = connection.default_channel
+        channel.queue_declare(queue)
+        channel.basic_publish(channel.prepare_message("x"), exchange="", routing_key=queue)
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None
+        assert client.hexists("unacked", message.delivery_tag)
+        # What a Redis restart leaves behind while kombu handles the consumer's connection error: the pools dropped,
+        # the transport detached from its Connection (kombu's Connection._do_close_transport).
+        channel._disconnect_pools()
+        transport = channel.connection
+        transport.client = None
+        channel.qos.restore_unacked_once()  # stock kombu: AttributeError, and Celery stops the worker
+        assert client.hexists("unacked", message.delivery_tag), "the message stays for the lease or the timeout"
+        assert client.llen(queue) == 0
+        transport.client = connection
+    client.hdel("unacked", message.delivery_tag)
+    client.zrem("unacked_index", message.delivery_tag)
+    client.delete(queue)
+    client.close()
