@@ -102,6 +102,7 @@ FEED_SAFETY = 0.6
 FEED_HORIZON_S = 60.0
 # Markers in the workers' logs worth counting: what the leases did, and anything that looks like a crash.
 LOG_MARKERS = ("requeued now", "taken over", "lost their acknowledgement", "held by no live worker",
+               "when it died were put back", "connection dropped were put back", "could not put back",
                "Unrecoverable error", "Traceback", "CRITICAL", "too_many_attempts")
 EXPECTED_CODES = {"bad/empty.jpg": "empty", "bad/text.jpeg": "not_an_image", "bad/png-named.jpg": "unsupported_format",
                   "bad/truncated.jpg": "truncated", "bad/claims-60000x60000.jpg": "too_many_pixels",
