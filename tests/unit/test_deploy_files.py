@@ -4,7 +4,9 @@ None of these files can be run here (no Docker engine, no cluster, no Azure subs
 offline is checked: every `blobscore ...` command they run parses against the real CLI, every BLOBSCORE_* variable
 is a real setting and every value validates, no secret is written into them, Azurite is never loose, the grace
 periods and resources fit the worker, each region's workers get its services' keys and scale on its services'
-queues, and the Azure ML SDK calls use keyword arguments the installed SDK has.
+queues, the beat and the exporter run once per deployment with the workers' settings (compose and Kubernetes), the
+exporter's port, Service, scrape annotations, probes and prometheus.yml's targets agree, and the Azure ML SDK calls
+use keyword arguments the installed SDK has.
 
 The Kubernetes checks read what `kubectl kustomize` renders for each overlay of deploy/k8s/overlays (the objects
 as they would be applied), so kubectl must be installed: scripts/ensure-validators.sh installs it. The validators
@@ -37,7 +39,9 @@ from deploy.azureml import deploy_fpga as fpga
 from deploy.local.azurite import AZURITE_KEY
 from deploy.standin.cli import KEY_ENV_VAR as STANDIN_KEY_ENV
 from producer import cli
+from producer.exporter import exporter_registry
 from worker.models.catalog import DEFAULT_INPUT_NAME, PROFILES
+from worker.redis_client import SOCKET_TIMEOUT_S
 from worker.settings import Settings, load_settings
 from worker.worker_main import queues_to_consume, services_to_consume
 
@@ -52,6 +56,7 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 K8S_BASE = K8S_DIR / "base"
 K8S_OVERLAYS = K8S_DIR / "overlays"
 K8S_CONFIG = K8S_BASE / "blobscore.toml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 SECRET_NAME = "blobscore-secrets"
 # What the base marks as an overlay's to fill in (deploy/k8s/base/worker.yaml, autoscaling.yaml).
 TEMPLATE_VALUE = "set-by-overlay"
@@ -67,6 +72,11 @@ NON_SETTINGS_VARIABLES = {
 }
 # One worker process with 16 threads in flight (bench/pipeline.py reports it; its target is <= 150 MB).
 MEASURED_WORKER_RSS_MIB = 130
+# `blobscore exporter` after start-up and a scrape, with the cluster's blobscore.toml (VmRSS 104 MiB, Python 3.11).
+MEASURED_EXPORTER_RSS_MIB = 105
+# Deployments without a PodDisruptionBudget: one replica, whose loss for a drain costs a scrape or two; a budget of
+# one on one replica would block every node drain.
+NO_DISRUPTION_BUDGET = {"blobscore-exporter"}
 SECRET_NAME_PATTERN = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CONNECTION_STRING|SAS", re.IGNORECASE)
 
 
@@ -151,6 +161,40 @@ def k8s_containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
             yield deployment["metadata"]["name"], pod, container
 
 
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def running(objects: list[dict[str, Any]], command: str) -> list[dict[str, Any]]:
+    """The Deployments among `objects` whose containers run `blobscore COMMAND`."""
+    return [
+        doc for doc in objects
+        if doc["kind"] == "Deployment"
+        and any(c.get("args", [])[:1] == [command] for c in doc["spec"]["template"]["spec"]["containers"])
+    ]
+
+
+def selected_by(selector: dict[str, str], objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Deployments among `objects` whose pods a label selector picks."""
+    return [doc for doc in objects if doc["kind"] == "Deployment" and selector.items() <= pod_labels(doc).items()]
+
+
+def prometheus_job(name: str) -> dict[str, Any]:
+    """A scrape job of deploy/prometheus/prometheus.yml."""
+    (document,) = load_yaml_documents(PROMETHEUS_CONFIG)
+    (job,) = [job for job in document["scrape_configs"] if job["job_name"] == name]
+    return job
+
+
+def exporter_target() -> tuple[str, int]:
+    """(host, port) prometheus.yml scrapes the exporter at."""
+    (static,) = prometheus_job("blobscore-exporter")["static_configs"]
+    (target,) = static["targets"]
+    host, _, port = target.rpartition(":")
+    return host, int(port)
+
+
 def dockerfile_stages(path: Path) -> dict[str, dict[str, Any]]:
     """Per build stage (in order): its FROM, ENTRYPOINT and CMD (JSON form), and its ARG defaults."""
     logical = re.sub(r"\\\n\s*", " ", path.read_text("utf-8"))
@@ -188,8 +232,9 @@ def is_group(command: Any) -> bool:
     return isinstance(getattr(command, "commands", None), dict)
 
 
-def check_blobscore_argv(group: Any, argv: list[str]) -> None:
-    """Fail unless `blobscore ARGV` names real (sub)commands and its options parse."""
+def check_blobscore_argv(group: Any, argv: list[str]) -> dict[str, Any]:
+    """Fail unless `blobscore ARGV` names real (sub)commands and its options parse; the parsed parameters (defaults
+    included) of the command it runs."""
     command = group
     path = ["blobscore"]
     rest = list(argv)
@@ -202,10 +247,12 @@ def check_blobscore_argv(group: Any, argv: list[str]) -> None:
         f"`{' '.join(path)}` needs a subcommand: {sorted(command.commands)}"
     )
     try:
-        command.make_context(" ".join(path), rest)  # parses and validates; runs nothing
+        context = command.make_context(" ".join(path), rest)  # parses and validates; runs nothing
     except Exception as exc:  # click's UsageError family (typer may vendor click)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         pytest.fail(f"`{' '.join(path)} {' '.join(rest)}`: {message}")
+    params: dict[str, Any] = context.params
+    return params
 
 
 def our_image_services() -> dict[str, dict[str, Any]]:
@@ -225,6 +272,23 @@ def compose_argv(service: dict[str, Any]) -> list[str]:
     command = service.get("command", stage.get("cmd", []))
     assert isinstance(command, list), "use the exec (list) form for commands"
     return [str(part) for part in command]
+
+
+def compose_running(command: str) -> dict[str, dict[str, Any]]:
+    """The compose services built from our Dockerfile that run `blobscore COMMAND`."""
+    return {name: service for name, service in our_image_services().items() if compose_argv(service)[:1] == [command]}
+
+
+def compose_settings(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch, workdir: Path) -> Settings:
+    """The Settings a compose service's process builds: its env_file (the example's values), under its environment,
+    and the blobscore.toml it mounts."""
+    env: dict[str, str] = {}
+    for env_file in service.get("env_file", []):
+        assert env_file == str(COMPOSE_SECRETS.relative_to(ROOT))
+        env.update(env_file_names(COMPOSE_SECRETS_EXAMPLE))
+    env.update({name: str(value) for name, value in service.get("environment", {}).items()})
+    mount = next(volume for volume in service["volumes"] if volume["target"] == env["BLOBSCORE_CONFIG"])
+    return settings_from(env, (ROOT / mount["source"]).resolve(), monkeypatch, workdir)
 
 
 def env_file_names(path: Path) -> dict[str, str]:
@@ -405,7 +469,10 @@ def test_every_blobscore_command_used_is_a_real_command() -> None:
     group = blobscore_group()
     argvs = all_blobscore_argvs()
     used = {argv[0] for argv in argvs.values()}
-    assert {"worker", "beat", "standin", "demo"} <= used
+    assert {"worker", "beat", "exporter", "standin", "demo"} <= used
+    for where in ("compose", "k8s"):
+        commands = {argv[0] for key, argv in argvs.items() if key.startswith(where)}
+        assert {"worker", "beat", "exporter"} <= commands, where
     for where, argv in argvs.items():
         assert argv, f"{where}: no command"
         check_blobscore_argv(group, argv)
@@ -442,7 +509,7 @@ def test_the_images_run_blobscore_as_an_unprivileged_user() -> None:
 
 def test_compose_has_the_stack_and_a_one_shot_demo_profile() -> None:
     services = compose_services()
-    assert set(services) >= {"redis", "azurite", "standin", "worker", "demo"}
+    assert set(services) >= {"redis", "azurite", "standin", "worker", "beat", "exporter", "prometheus", "demo"}
     assert services["demo"]["profiles"] == ["demo"]
     assert services["demo"]["restart"] == "no"
     assert compose_argv(services["demo"])[0] == "demo"
@@ -507,6 +574,87 @@ def test_the_compose_worker_is_given_time_to_finish_its_images() -> None:
     assert "REMAP_SIGTERM" not in worker.get("environment", {})
 
 
+def services_depending_on(name: str) -> set[str]:
+    """The compose services that wait for service NAME."""
+    return {other for other, service in compose_services().items() if name in service.get("depends_on", {})}
+
+
+def test_compose_runs_one_beat_and_one_exporter_with_the_workers_image_and_settings() -> None:
+    document = compose()
+    worker = document["services"]["worker"]
+    for command in ("beat", "exporter"):
+        found = compose_running(command)
+        assert list(found) == [command], f"one compose service, named {command}, runs `blobscore {command}`: {found}"
+        service = found[command]
+        assert service["build"] == {**document["x-blobscore-build"], "target": "worker"} == worker["build"], command
+        assert service["image"] == worker["image"], command
+        assert "profiles" not in service, f"{command}: `docker compose up` must start it"
+        assert service["restart"] == "unless-stopped", command
+        assert not {"deploy", "scale"} & set(service), f"{command}: one replica"
+        # The settings anchor and the worker's blobscore.toml, and nothing of the worker's own (threads, metrics).
+        assert service["environment"] == document["x-blobscore-env"], command
+        assert service["volumes"] == [document["x-blobscore-config"]] == worker["volumes"], command
+        assert service["depends_on"]["redis"] == {"condition": "service_healthy"}, command
+        assert "standin" not in service["depends_on"], f"{command} scores nothing"
+    assert services_depending_on("azurite") >= {"beat"}, "the beat lists the containers of its schedules"
+
+
+def test_the_compose_beat_and_exporter_share_the_workers_deployment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    services = compose_services()
+    worker = compose_settings(services["worker"], monkeypatch, tmp_path)
+    worker_queues = {name: worker.queue_for(name) for name in worker.all_services()}
+    for name in ("beat", "exporter"):
+        # No namespace is pinned on compose: each derives it from the storage account (the env_file's connection
+        # string), so without it there is no key prefix and no queue name at all (ConfigurationError).
+        settings = compose_settings(services[name], monkeypatch, tmp_path)
+        assert settings.key_prefix == worker.key_prefix, name
+        assert {service: settings.queue_for(service) for service in settings.all_services()} == worker_queues, name
+        assert (settings.broker_url, settings.jobs_url) == (worker.broker_url, worker.jobs_url), name
+    beat = compose_settings(services["beat"], monkeypatch, tmp_path)
+    assert beat.account == worker.account, "the beat lists the workers' storage account"
+    exporter_registry(compose_settings(services["exporter"], monkeypatch, tmp_path))  # builds; connects to nothing
+
+
+def test_the_compose_beat_gets_the_time_the_kubernetes_beat_gets() -> None:
+    beat = compose_services()["beat"]
+    (k8s_beat,) = running(k8s_objects(), "beat")
+    assert "REMAP_SIGTERM" not in beat["environment"]
+    grace_s = k8s_beat["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert duration_s(beat["stop_grace_period"]) >= grace_s, "a scheduled run in progress gets as long as on Kubernetes"
+
+
+def test_prometheus_scrapes_the_compose_worker_and_exporter_where_they_serve() -> None:
+    group = blobscore_group()
+    services = compose_services()
+    host, port = exporter_target()
+    assert host in services, f"prometheus.yml scrapes the exporter at {host}:{port}: no compose service {host!r}"
+    argv = compose_argv(services[host])
+    assert argv[0] == "exporter", f"compose {host} runs `blobscore {' '.join(argv)}`"
+    params = check_blobscore_argv(group, argv)
+    assert params["port"] == port
+    assert params["host"] == "0.0.0.0", "it must listen beyond its container's loopback"
+    (discovery,) = prometheus_job("blobscore-worker")["dns_sd_configs"]
+    (name,) = discovery["names"]
+    assert compose_argv(services[name])[0] == "worker"
+    assert int(services[name]["environment"]["BLOBSCORE_METRICS_PORT"]) == discovery["port"]
+    assert set(services["prometheus"]["depends_on"]) >= {name, host}
+
+
+def test_the_compose_exporters_healthcheck_asks_its_port_and_outlasts_a_redis_that_hangs() -> None:
+    service = compose_services()["exporter"]
+    params = check_blobscore_argv(blobscore_group(), compose_argv(service))
+    check = service["healthcheck"]
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    code = check["test"][3]
+    assert re.findall(r"http://127\.0\.0\.1:(\d+)(/[^'\"]*)", code) == [(str(params["port"]), "/metrics")]
+    # A scrape against a Redis that accepts and never answers takes its socket timeout (10 s), then answers 200
+    # with blobscore_exporter_redis_up 0: neither that nor a Redis that is down may make the exporter unhealthy.
+    (inner,) = [float(value) for value in re.findall(r"timeout=([0-9.]+)", code)]
+    assert SOCKET_TIMEOUT_S < inner < duration_s(check["timeout"])
+
+
 # --------------------------------------------------------------------------------------------- kubernetes
 
 
@@ -557,7 +705,9 @@ def test_each_overlay_adds_only_its_region_to_shared_objects_that_render_identic
         assert sorted(own) == ["Deployment", "PodDisruptionBudget", "ScaledObject", "Service"], region
     # Applying several overlays to one cluster converges on one of each of these.
     assert sorted(kind for kind, _name in shared) == [
-        "ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "TriggerAuthentication"]
+        "ConfigMap", "Deployment", "Deployment", "Namespace", "PodDisruptionBudget", "Service", "TriggerAuthentication"]
+    assert {name for kind, name in shared if kind in ("Deployment", "Service")} == {"blobscore-beat",
+                                                                                   "blobscore-exporter"}
 
 
 def test_every_manifest_parses_and_every_deployment_has_a_disruption_budget() -> None:
@@ -568,7 +718,11 @@ def test_every_manifest_parses_and_every_deployment_has_a_disruption_budget() ->
             labels = deployment["spec"]["template"]["metadata"]["labels"]
             assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
             matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
-            assert len(matching) == 1, f"{deployment['metadata']['name']}: {len(matching)} disruption budgets"
+            if deployment["metadata"]["name"] in NO_DISRUPTION_BUDGET:
+                assert deployment["spec"]["replicas"] == 1, "more than one replica: give it a disruption budget"
+                assert not matching, f"{deployment['metadata']['name']}: a budget on one replica blocks drains"
+            else:
+                assert len(matching) == 1, f"{deployment['metadata']['name']}: {len(matching)} disruption budgets"
 
 
 def test_kubernetes_settings_are_real_and_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -688,7 +842,7 @@ def test_each_region_has_a_scrape_target_for_its_workers_metrics() -> None:
     for name, _pod, container, region in worker_deployments():
         objects = rendered(region)
         (deployment,) = [d for d in objects if d["kind"] == "Deployment" and d["metadata"]["name"] == name]
-        (service,) = [d for d in objects if d["kind"] == "Service"]
+        (service,) = [d for d in objects if d["kind"] == "Service" and d["metadata"]["name"] == name]
         assert service["spec"]["clusterIP"] == "None", "headless: Prometheus scrapes each pod"
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
         (port,) = service["spec"]["ports"]
@@ -709,6 +863,112 @@ def test_the_beat_runs_blobscore_beat_with_two_replicas() -> None:
     assert not [n for n in secret_env(container) if not n.startswith("BLOBSCORE_")], "the beat scores nothing"
     assert not [d for d in k8s_objects() if d["kind"] == "ScaledObject" and d["spec"]["scaleTargetRef"]["name"]
                 == beat["metadata"]["name"]], "the beat is never scaled"
+
+
+def test_every_overlay_renders_one_beat_and_one_exporter_for_the_whole_cluster() -> None:
+    for region in overlay_regions():
+        objects = rendered(region)
+        for command in ("beat", "exporter"):
+            found = running(objects, command)
+            assert [d["metadata"]["name"] for d in found] == [f"blobscore-{command}"], f"overlays/{region}: {command}"
+            assert "blobscore/region" not in found[0]["metadata"]["labels"], f"{command} serves every region"
+            assert "nodeSelector" not in found[0]["spec"]["template"]["spec"], f"{command} runs on any node"
+
+
+def test_every_service_selects_the_pods_of_exactly_one_deployment_on_a_port_they_serve() -> None:
+    for region in overlay_regions():
+        objects = rendered(region)
+        for service in (doc for doc in objects if doc["kind"] == "Service"):
+            name = service["metadata"]["name"]
+            matching = selected_by(service["spec"]["selector"], objects)
+            assert [d["metadata"]["name"] for d in matching] == [name], f"overlays/{region}: Service {name}"
+            (deployment,) = matching
+            assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"], name
+            ports = {port["name"]: port["containerPort"]
+                     for container in deployment["spec"]["template"]["spec"]["containers"]
+                     for port in container.get("ports", [])}
+            for port in service["spec"]["ports"]:
+                assert ports.get(port["targetPort"]) == port["port"], f"{name}: {port}"
+
+
+def exporter_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The exporter's Deployment and its container."""
+    (exporter,) = running(k8s_objects(), "exporter")
+    (container,) = exporter["spec"]["template"]["spec"]["containers"]
+    return exporter, container
+
+
+def test_the_exporter_is_one_replica_never_two_and_never_scaled() -> None:
+    exporter, container = exporter_container()
+    assert exporter["spec"]["replicas"] == 1
+    # Not a rolling update: for a while two would serve the same series, and a sum() would count them twice.
+    assert exporter["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [d for d in k8s_objects() if d["kind"] == "ScaledObject"
+                and d["spec"]["scaleTargetRef"]["name"] == exporter["metadata"]["name"]]
+    resources = container["resources"]
+    request = quantity_mib(resources["requests"]["memory"])
+    assert request >= MEASURED_EXPORTER_RSS_MIB * 1.2, "request below the measured RSS plus headroom"
+    assert quantity_mib(resources["limits"]["memory"]) >= 2 * MEASURED_EXPORTER_RSS_MIB
+
+
+def test_the_exporters_port_service_scrape_annotations_and_probes_agree() -> None:
+    exporter, container = exporter_container()
+    params = check_blobscore_argv(blobscore_group(), container["args"])
+    assert params["host"] == "0.0.0.0", "it must listen beyond the pod's loopback"
+    (port,) = container["ports"]
+    assert port["containerPort"] == params["port"]
+    # The port prometheus.yml scrapes on compose: one exporter port everywhere.
+    assert params["port"] == exporter_target()[1]
+    (service,) = [doc for doc in k8s_objects() if doc["kind"] == "Service"
+                  and selected_by(doc["spec"]["selector"], [exporter])]
+    assert service["metadata"]["name"] == exporter["metadata"]["name"]
+    (service_port,) = service["spec"]["ports"]
+    assert (service_port["port"], service_port["targetPort"]) == (params["port"], port["name"])
+    assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                                  "prometheus.io/port": str(params["port"]),
+                                                  "prometheus.io/path": "/metrics"}
+    # The address a static scrape job uses in the cluster, as the docs give it.
+    address = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{params['port']}"
+    for doc in (PROMETHEUS_CONFIG, K8S_DIR / "README.md"):
+        assert address in doc.read_text("utf-8"), f"{doc.relative_to(ROOT)} does not give {address}"
+    # It serves /metrics only; a scrape answers 200 while Redis is down (blobscore_exporter_redis_up 0) and takes up
+    # to Redis' socket timeout when Redis hangs: neither may fail a probe.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/metrics", "port": port["name"]}, probe
+        assert container[probe]["timeoutSeconds"] > SOCKET_TIMEOUT_S, probe
+        assert container[probe]["periodSeconds"] >= container[probe]["timeoutSeconds"], probe
+
+
+def test_the_exporter_gets_the_config_and_the_broker_url_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _exporter, container = exporter_container()
+    assert set(secret_env(container)) == {"BLOBSCORE_BROKER_URL"}, "no service key, no Blob connection string"
+    # What it reads needs no storage account: the ConfigMap pins the namespace, which names every queue and key.
+    env = {**literal_env(container), "BLOBSCORE_BROKER_URL": "redis://127.0.0.1:1/0"}  # never connected to here
+    settings = settings_from(env, K8S_CONFIG, monkeypatch, tmp_path)
+    exporter_registry(settings)  # builds (its key prefix, schedules, clients); connects to nothing
+    workers = k8s_settings(monkeypatch, tmp_path)
+    assert settings.key_prefix == workers.key_prefix
+    exported = {settings.queue_for(service) for service in settings.all_services()}
+    consumed = {queue for region in overlay_regions() for queue in queues_to_consume(workers, region)}
+    assert consumed <= exported, f"queues no exporter series shows: {sorted(consumed - exported)}"
+
+
+def test_every_pod_is_unprivileged_with_a_read_only_root_and_bounded_resources() -> None:
+    for name, pod, container in k8s_containers():
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                          "seccompProfile": {"type": "RuntimeDefault"}}, name
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                 "capabilities": {"drop": ["ALL"]}}, name
+        # The root is read-only: /tmp is an emptyDir of bounded size.
+        (tmp,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/tmp"]
+        (volume,) = [volume for volume in pod["volumes"] if volume["name"] == tmp["name"]]
+        assert "sizeLimit" in volume["emptyDir"], name
+        resources = container["resources"]
+        assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}, name
+        assert quantity_mib(resources["limits"]["memory"]) >= quantity_mib(resources["requests"]["memory"]), name
 
 
 # --------------------------------------------------------------------------------------------- deploy/azureml
