@@ -116,6 +116,7 @@ def land_messages(key: str, owner: str) -> Landing:
         channel._brpop_start = _patched_start(channel._brpop_start)
         channel._brpop_read = _patched_read(channel._brpop_read)
         channel._poll_error = _patched_poll_error(channel._poll_error)
+        channel._on_connection_disconnect = _patched_disconnect(channel._on_connection_disconnect)
         qos: Any = kombu_redis.QoS
         qos.append = _patched_append(qos.append)
         setattr(channel, _PATCHED, True)
@@ -247,6 +248,17 @@ def _patched_poll_error(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self, type, **options)
 
     return poll_error
+
+
+def _patched_disconnect(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def on_disconnect(self: Any, connection: Any) -> Any:
+        landing = _landing
+        if landing is not None and self._in_poll is connection:
+            _forget_unread(self, landing)  # its reply died with the connection (a Redis restart)
+        return original(self, connection)
+
+    return on_disconnect
 
 
 def _forget_unread(channel: Any, landing: Landing) -> None:

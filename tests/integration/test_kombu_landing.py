@@ -193,3 +193,28 @@ def test_a_message_kombu_cannot_take_is_set_aside_not_looped_or_lost(
     assert broker.lrange(f"{landing.key}:undeliverable", 0, -1)[0].endswith("not a kombu message {")
     assert broker.llen(queue.name) == 0
     assert broker.hlen(landing.key) == 0
+
+
+def test_a_pop_whose_reply_died_with_its_connection_is_put_back_by_the_heartbeat(
+    redis_url: str, broker: redis.Redis, landing: kombu_landing.Landing
+) -> None:
+    queue = _queue(f"cut-{uuid.uuid4().hex[:8]}")
+    with Connection(redis_url) as connection:
+        _publish(connection, queue, "cut off")
+        before = broker.lrange(queue.name, 0, -1)
+        channel: Any = connection.channel()
+        with Consumer(channel, [queue], callbacks=[lambda body, message: None]):
+            client = channel.client
+            client.connection = client.connection_pool.get_connection()
+            channel._brpop_start()  # the pop runs on the server; its reply is never read
+            deadline = time.monotonic() + 5
+            while broker.hlen(landing.key) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert broker.llen(queue.name) == 0
+            assert landing.under_way(), "a pop whose reply is unread is under way"
+            assert kombu_landing.put_back_stale(broker, landing) == 0, "never put back while under way"
+            client.connection.disconnect()  # what a Redis restart does to the consumer's connection
+            assert not landing.under_way(), "its reply died with the connection: the delivery is over"
+    assert kombu_landing.put_back_stale(broker, landing) == 1
+    assert broker.lrange(queue.name, 0, -1) == before
+    assert broker.hlen(landing.key) == 0
