@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_postrun, task_received, worker_process_shutdown, worker_ready, worker_shutdown
 
+from worker.kombu_clients import reuse_clients
 from worker.kombu_landing import land_messages
 from worker.kombu_restore import keep_unrestorable_messages
 from worker.leases import Lease, landing_key, reclaim
@@ -72,6 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def publisher_app(settings: Settings) -> Celery:
     """A Celery app that only publishes (the producer, the CLI): the broker settings, no task, no worker resources."""
+    reuse_clients()  # kombu would build a new Redis client for every published task (worker/kombu_clients.py)
     app = Celery("blobscore")
     app.conf.update(celery_config(settings))
     return app
@@ -83,6 +85,7 @@ def create_app(settings: Settings, consumes: list[str] | None = None) -> Celery:
     A worker passes the queues it `consumes`: once it is ready it publishes its presence (worker/presence.py).
     """
     keep_unrestorable_messages()  # kombu would delete a message it fails to restore (worker/kombu_restore.py)
+    reuse_clients()  # and build a new Redis client for every delivery record and ack (worker/kombu_clients.py)
     app = Celery("blobscore")
     app.conf.update(celery_config(settings))
     resources = ProcessResources(settings)
