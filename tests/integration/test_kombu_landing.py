@@ -51,6 +51,17 @@ def _publish(connection: Connection, queue: Queue, *bodies: str) -> None:
                          serializer="json")
 
 
+def _receive_one(connection: Connection, queue: Queue, received: list[Any], within_s: float) -> None:
+    """Consume until a message arrives (or the time is up), riding out empty waits and kombu's decode errors."""
+    with Consumer(connection.channel(), [queue], callbacks=[lambda body, message: received.append(message)]):
+        deadline = time.monotonic() + within_s
+        while not received and time.monotonic() < deadline:
+            try:
+                connection.drain_events(timeout=1)
+            except (TimeoutError, ValueError):
+                continue
+
+
 def test_a_consumed_message_is_recorded_unacked_and_its_landing_cleared(
     redis_url: str, broker: redis.Redis, landing: kombu_landing.Landing
 ) -> None:
@@ -81,13 +92,7 @@ def test_an_idle_consumer_wakes_for_a_message_published_later_and_takes_it_once(
         connection.channel().queue_declare(queue.name)
         later = threading.Timer(1.5, lambda: _publish(Connection(redis_url), queue, "late"))
         later.start()
-        with Consumer(connection.channel(), [queue], callbacks=[lambda body, message: received.append(message)]):
-            deadline = time.monotonic() + 15
-            while not received and time.monotonic() < deadline:
-                try:
-                    connection.drain_events(timeout=1)
-                except TimeoutError:
-                    continue
+        _receive_one(connection, queue, received, within_s=15)
         later.join()
         assert [message.payload["body"] for message in received] == ["late"]
         # The idle wait moved nothing: the message was taken once, by the pop, and nothing is left behind.
@@ -181,13 +186,7 @@ def test_a_message_kombu_cannot_take_is_set_aside_not_looped_or_lost(
         connection.channel().queue_declare(queue.name)
         broker.lpush(queue.name, "not a kombu message {")
         _publish(connection, queue, "good")
-        with Consumer(connection.channel(), [queue], callbacks=[lambda body, message: received.append(message)]):
-            deadline = time.monotonic() + 10
-            while not received and time.monotonic() < deadline:
-                try:
-                    connection.drain_events(timeout=1)
-                except (TimeoutError, ValueError):
-                    continue  # the junk surfaces as kombu's decode error, once
+        _receive_one(connection, queue, received, within_s=10)  # the junk surfaces as kombu's decode error, once
         assert [message.payload["body"] for message in received] == ["good"]
         received[0].ack()
     assert broker.lrange(f"{landing.key}:undeliverable", 0, -1)[0].endswith("not a kombu message {")
