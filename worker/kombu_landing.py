@@ -175,6 +175,10 @@ def _patched_read(original: Callable[..., Any]) -> Callable[..., Any]:
                     landing.end(field)  # the script may have run: the heartbeat puts the message back
                 self.client.connection.disconnect()
                 raise
+            except Exception:
+                if field is not None:
+                    landing.end(field)  # an error reply (a script refused): nothing was popped, nothing is under way
+                raise
             if field is None:  # the idle wait: something arrived, or the timeout passed; look at every queue
                 self._blobscore_idle = False
                 raise Empty()
