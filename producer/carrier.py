@@ -8,7 +8,8 @@ tasks and saves the continuation — then queues the next step, or waits while t
 A step killed midway is redelivered (acks late, leases) and redoes its page: the page is recorded at the same
 indices and its tasks published again find their results, so nothing is lost or doubled. Several messages of one
 step (a redelivery racing a retry) are collapsed by a generation number: only the message whose generation is
-current acts, and moving it on is a compare-and-set.
+current acts, and moving it on is a compare-and-set. A step sends its successor before it moves the generation on,
+so the successor — which another thread may take within a millisecond — counts as current one generation ahead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,26 +94,46 @@ def list_step(job_id: str, generation: int, deps: CarrierDeps) -> StepOutcome:
     except UnknownJobError:
         log.error("listing step of unknown job %s dropped (another deployment's, or deleted)", job_id)
         return StepOutcome("stale")
-    if int(record.get("listing_gen", 0)) != generation:
-        return StepOutcome("stale")
     if record.get("listing_done") == "1":
         return StepOutcome("done")
-    lock = deps.jobs.client.set(f"{deps.jobs.key_of(job_id)}:step-lock", generation, nx=True, ex=STEP_LOCK_S)
-    if not lock:
+    if generation < int(record.get("listing_gen", 0)):
+        return StepOutcome("stale")
+    lock = StepLock(deps.jobs, job_id)
+    if not lock.take():
         deps.next_step(job_id, generation, STEP_LOCK_S / 4)  # the holder may have died: look again soon
         return StepOutcome("busy")
     try:
-        return _step(job_id, generation, record, deps)
+        # Read again under the lock: the step before may have moved on since the first read.
+        record = deps.jobs.fields(job_id)
+        if not _is_current(job_id, generation, record, deps):
+            return StepOutcome("stale")
+        if record.get("listing_done") == "1":
+            return StepOutcome("done")
+        return _step(job_id, generation, record, deps, lock)
     finally:
-        deps.jobs.client.delete(f"{deps.jobs.key_of(job_id)}:step-lock")
+        lock.release()
 
 
-def _step(job_id: str, generation: int, record: dict[str, str], deps: CarrierDeps) -> StepOutcome:
+def _is_current(job_id: str, generation: int, record: dict[str, str], deps: CarrierDeps) -> bool:
+    current = int(record.get("listing_gen", 0))
+    if generation == current + 1:
+        # The step that sent this message moves the generation on right after sending it (see _move_on): it may
+        # not have yet — this message can be taken within a millisecond by another thread — or it died in
+        # between. Either way its page is saved, and this message is the chain's next step: do the move for it.
+        return deps.jobs.bump_listing_generation(job_id, current) or _generation(job_id, deps) == generation
+    return generation == current
+
+
+def _generation(job_id: str, deps: CarrierDeps) -> int:
+    return int(deps.jobs.fields(job_id).get("listing_gen", 0))
+
+
+def _step(job_id: str, generation: int, record: dict[str, str], deps: CarrierDeps, lock: StepLock) -> StepOutcome:
     spec, origin, progress = deps.jobs.spec(job_id), deps.jobs.origin(job_id), deps.jobs.progress(job_id)
     window, page_size = int(record.get("window", 40_000)), int(record.get("page_size", DEFAULT_PAGE_SIZE))
     limit = int(record["limit"]) if record.get("limit") else None
     if progress.next_index - deps.jobs.finished_count(job_id) + page_size > max(window, page_size):
-        _move_on(job_id, generation, deps, WINDOW_POLL_S)
+        _move_on(job_id, generation, deps, lock, WINDOW_POLL_S)
         return StepOutcome("waiting")
     page = next(iter(deps.store.list_pages(spec.container, spec.prefix, progress.continuation, page_size)), None)
     cursor = unpack_cursor(record.get("results_cursor", ""))
@@ -134,15 +156,33 @@ def _step(job_id: str, generation: int, record: dict[str, str], deps: CarrierDep
     if continuation is None or (limit is not None and index >= limit):
         deps.jobs.finish_listing(job_id)
         return StepOutcome("done", queued)
-    _move_on(job_id, generation, deps, 0.0)
+    _move_on(job_id, generation, deps, lock, 0.0)
     return StepOutcome("listed", queued)
 
 
-def _move_on(job_id: str, generation: int, deps: CarrierDeps, countdown: float) -> None:
-    # The next message first, then the compare-and-set: a crash in between leaves one more message of the next
-    # generation, which the compare-and-set collapses; the other order could leave none, and the listing would stop.
+def _move_on(job_id: str, generation: int, deps: CarrierDeps, lock: StepLock, countdown: float) -> None:
+    # The page is saved: let the next step in before it exists (it may start at once, on another thread). Then the
+    # next message, then the compare-and-set: a crash in between leaves a message one generation ahead, which
+    # _is_current accepts; the other order could leave none, and the listing would stop.
+    lock.release()
     deps.next_step(job_id, generation + 1, countdown)
     deps.jobs.bump_listing_generation(job_id, generation)
+
+
+class StepLock:
+    """One listing step of a job at a time. A step that died holding it is taken up again after STEP_LOCK_S at
+    most; a release only ever drops the releaser's own hold (see STEP_LOCK_S for a step that outlives it)."""
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self._jobs, self._job_id, self._token = jobs, job_id, uuid.uuid4().hex
+
+    def take(self) -> bool:
+        """Hold the lock; False while another step holds it."""
+        return self._jobs.take_step_lock(self._job_id, self._token, STEP_LOCK_S)
+
+    def release(self) -> None:
+        """Let the next step in (idempotent)."""
+        self._jobs.release_step_lock(self._job_id, self._token)
 
 
 def start_listing(app: Celery, settings: Settings, jobs: JobStore, job_id: str) -> None:

@@ -38,6 +38,12 @@ if tonumber(redis.call('HGET', KEYS[1], 'listing_gen') or '0') ~= tonumber(ARGV[
 redis.call('HSET', KEYS[1], 'listing_gen', tonumber(ARGV[1]) + 1)
 return 1
 """
+# Releases the listing step's lock only if it is still the caller's (it may have expired and been taken since).
+# KEYS: the lock; ARGV: the caller's token.
+RELEASE_STEP_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def pack_names(names: list[str]) -> bytes:

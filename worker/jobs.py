@@ -15,7 +15,15 @@ import redis
 
 from worker.deployment import AccountRef, Deployment
 from worker.errors import BlobscoreError
-from worker.job_records import BUMP_GENERATION, RECORD_OUTCOME, RECORD_PAGE, bit_is_set, pack_names, unpack_names
+from worker.job_records import (
+    BUMP_GENERATION,
+    RECORD_OUTCOME,
+    RECORD_PAGE,
+    RELEASE_STEP_LOCK,
+    bit_is_set,
+    pack_names,
+    unpack_names,
+)
 from worker.redis_client import open_redis, translated
 from worker.settings import Settings
 
@@ -94,6 +102,7 @@ class JobStore:
         self._record_outcome = client.register_script(RECORD_OUTCOME)
         self._record_page = client.register_script(RECORD_PAGE)
         self._bump_generation = client.register_script(BUMP_GENERATION)
+        self._release_step_lock = client.register_script(RELEASE_STEP_LOCK)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str) -> JobStore:
@@ -187,6 +196,16 @@ class JobStore:
         """Move the listing to the next step if it is still at `expected` (one carrier chain per job survives)."""
         with translated(f"advance the listing of job {job_id}"):
             return bool(self._bump_generation(keys=[self._key(job_id)], args=[expected]))
+
+    def take_step_lock(self, job_id: str, token: str, ttl_s: int) -> bool:
+        """Hold the job's listing-step lock for `ttl_s` at most (one step at a time); False while another holds it."""
+        with translated(f"lock the listing of job {job_id}"):
+            return bool(self._redis.set(self._key(job_id, "step-lock"), token, nx=True, ex=ttl_s))
+
+    def release_step_lock(self, job_id: str, token: str) -> None:
+        """Let the next step in, if the lock is still `token`'s (a no-op after it expired or was released)."""
+        with translated(f"unlock the listing of job {job_id}"):
+            self._release_step_lock(keys=[self._key(job_id, "step-lock")], args=[token])
 
     def exclude(self, job_id: str, names: Collection[str]) -> None:
         """Names the listing must not queue (a scheduled run's images still in flight from earlier runs)."""
@@ -296,10 +315,6 @@ class JobStore:
             for offset, name in enumerate(names):
                 if bits is None or bit_is_set(bits, first + offset):
                     yield name
-
-    def key_of(self, job_id: str) -> str:
-        """The job record's Redis key (companions such as the listing step's lock live next to it)."""
-        return self._key(job_id)
 
     def _key(self, job_id: str, part: str | None = None) -> str:
         return f"{self._prefix}{job_id}" if part is None else f"{self._prefix}{job_id}:{part}"
