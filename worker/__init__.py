@@ -1,0 +1,1 @@
+"""The worker: Celery tasks that download, check, score and record one image each, and their adapters."""

@@ -11,7 +11,7 @@ step (field `<worker id>|<sequence>`, value: when, which queue, the message). ko
 in the same transaction that records the message as unacknowledged, so at every moment the message is on its queue,
 in the landing hash or in `unacked`. What is left in the landing hash belongs to a delivery that never completed:
 the worker's own heartbeat puts it back on its queue when that delivery is over (a connection lost in the middle),
-and the lease sweep does when the worker is dead (worker/leases.py).
+and the lease sweep does when the worker is dead (worker/landing_sweep.py, called from worker/leases.py).
 
 A script cannot block, so an idle consumer waits with a blocking command that does not take the message — moving
 the queue's last element onto the same end (BLMOVE, or BRPOPLPUSH before Redis 6.2) — on its first queue, with
@@ -25,13 +25,11 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from itertools import count
 from queue import Empty
 from typing import Any
 
-import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 
@@ -50,18 +48,8 @@ end
 return false
 """
 _PATCHED = "_blobscore_lands_messages"
-_SEP = "|"
-
-
-@dataclass(frozen=True)
-class Landed:
-    """One message left in the landing hash: whose delivery, since when, from which queue."""
-
-    field: str
-    value: str
-    owner: str
-    landed_at: float
-    queue_key: str
+# A landing field is `<owner><FIELD_SEP><sequence>` (worker/landing_sweep.py reads the owner back).
+FIELD_SEP = "|"
 
 
 class Landing:
@@ -76,7 +64,7 @@ class Landing:
 
     def begin(self) -> str:
         """A field for the next pop; under way until `end` (before the command is sent: see `stale`)."""
-        field = f"{self.owner}{_SEP}{next(self._sequence)}"
+        field = f"{self.owner}{FIELD_SEP}{next(self._sequence)}"
         with self._lock:
             self._pending.add(field)
         return field
@@ -99,7 +87,8 @@ def _dumps(value: Any) -> str:
     return str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply (bytes or str) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -187,7 +176,7 @@ def _patched_read(original: Callable[..., Any]) -> Callable[..., Any]:
                 self._blobscore_idle = True
                 raise Empty()
             self._blobscore_idle = False
-            key, item = _text(reply[0]), _text(reply[1])
+            key, item = as_text(reply[0]), as_text(reply[1])
             _deliver(self, landing, field, key, item)
             return True
         finally:
@@ -284,65 +273,6 @@ def _wait_args(command: str, key: str, timeout: float) -> list[Any]:
     if command == "BLMOVE":
         return ["BLMOVE", key, key, "RIGHT", "RIGHT", timeout]
     return ["BRPOPLPUSH", key, key, timeout]
-
-
-# ----------------------------------------------------------------------------------------------- putting back
-
-
-def parse(field: str, value: str | bytes) -> Landed | None:
-    """A landing entry, or None when it is not one of ours (never touched)."""
-    text = _text(value)
-    parts = text.split("\n", 2)
-    owner = field.rsplit(_SEP, 1)[0]
-    if len(parts) != 3 or _SEP not in field:
-        return None
-    try:
-        landed_at = float(parts[0])
-    except ValueError:
-        return None
-    return Landed(field=field, value=text, owner=owner, landed_at=landed_at, queue_key=parts[1])
-
-
-def entries(broker: redis.Redis, key: str) -> list[Landed]:
-    """Every entry of a landing hash."""
-    found = (parse(_text(field), value) for field, value in broker.hgetall(key).items())
-    return [entry for entry in found if entry is not None]
-
-
-def put_back(broker: redis.Redis, key: str, entry: Landed) -> bool:
-    """Push a landed message back on its queue (the end BRPOP takes from) if the entry is still as read: exactly
-    once, whoever else tries."""
-    def move(pipe: Any) -> bool:
-        if _text(pipe.hget(key, entry.field) or b"") != entry.value:
-            return False
-        pipe.multi()
-        pipe.rpush(entry.queue_key, entry.value.split("\n", 2)[2])
-        pipe.hdel(key, entry.field)
-        return True
-
-    transaction: Any = broker.transaction  # redis-py types the callable as returning None
-    return bool(transaction(move, key, value_from_callable=True))
-
-
-def put_back_stale(broker: redis.Redis, landing: Landing) -> int:
-    """This process's entries whose delivery is over yet still landed (a connection lost mid-delivery): back on
-    their queues. Read before the deliveries under way, so a field seen here and not under way is truly over."""
-    mine = [entry for entry in entries(broker, landing.key) if entry.owner == landing.owner]
-    if not mine:
-        return 0
-    under_way = landing.under_way()
-    return sum(put_back(broker, landing.key, entry) for entry in mine if entry.field not in under_way)
-
-
-def put_back_dead(broker: redis.Redis, key: str, alive: Callable[[Iterable[str]], set[str]], min_age_s: float) -> int:
-    """Entries of workers with no live lease, landed at least `min_age_s` ago: back on their queues."""
-    found = entries(broker, key)
-    if not found:
-        return 0
-    now = time.time()
-    living = alive({entry.owner for entry in found})
-    return sum(put_back(broker, key, entry) for entry in found
-               if entry.owner not in living and now - entry.landed_at >= min_age_s)
 
 
 def _set_aside(client: Any, landing: Landing, field: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from worker import kombu_landing
+from worker import kombu_landing, landing_sweep
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Lease:
                 for tag in lost:
                     self._finished.pop(tag, None)
             held = [tag for tag in held if tag not in lost]
-        if self.landing is not None and (back := kombu_landing.put_back_stale(broker, self.landing)):
+        if self.landing is not None and (back := landing_sweep.put_back_stale(broker, self.landing)):
             log.warning("worker %s: %d messages taken while its broker connection dropped were put back on their "
                         "queues", self.worker_id, back)
         if taken_over:
@@ -234,7 +234,7 @@ def reclaim_orphans(app: Any, client: redis.Redis, broker: redis.Redis, prefix: 
     """
     if not client.set(f"{prefix}orphan-sweep", me, nx=True, ex=int(ORPHAN_SWEEP_S)):
         return 0
-    landed = kombu_landing.put_back_dead(broker, landing_key(prefix), lambda owners: _alive(client, prefix, owners),
+    landed = landing_sweep.put_back_dead(broker, landing_key(prefix), lambda owners: _alive(client, prefix, owners),
                                          ORPHAN_AGE_S)
     if landed:
         log.warning("%d images a worker had taken off their queue when it died were put back", landed)

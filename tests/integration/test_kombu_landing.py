@@ -20,7 +20,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from worker import kombu_landing
+from worker import kombu_landing, landing_sweep
 from worker.leases import ORPHAN_AGE_S, landing_key, lease_key, reclaim_orphans
 
 pytestmark = pytest.mark.integration
@@ -130,12 +130,12 @@ def test_a_consumer_killed_between_the_pop_and_the_unacked_record_loses_nothing(
                          capture_output=True, text=True, timeout=60, check=False, env=os.environ.copy())
     assert run.returncode == -9, run.stderr
     assert broker.llen(queue.name) == 0, "the consumer took the message"
-    left = kombu_landing.entries(broker, landing.key)
+    left = landing_sweep.entries(broker, landing.key)
     assert [(entry.owner, entry.queue_key) for entry in left] == [(dead, queue.name)], "the message is landed"
 
     # The dead worker has no lease: the sweep puts the message back, once, as it was.
-    assert kombu_landing.put_back_dead(broker, landing.key, lambda owners: set(), min_age_s=0) == 1
-    assert kombu_landing.put_back_dead(broker, landing.key, lambda owners: set(), min_age_s=0) == 0
+    assert landing_sweep.put_back_dead(broker, landing.key, lambda owners: set(), min_age_s=0) == 1
+    assert landing_sweep.put_back_dead(broker, landing.key, lambda owners: set(), min_age_s=0) == 0
     assert broker.lrange(queue.name, 0, -1) == before
     assert broker.hlen(landing.key) == 0
 
@@ -172,7 +172,7 @@ def test_a_worker_puts_back_its_own_landed_messages_whose_delivery_is_over(
         over: f"{now}\n{queue}\nlost with its connection",
         "another-worker|1": f"{now}\n{queue}\nnot ours",
     })
-    assert kombu_landing.put_back_stale(broker, landing) == 1
+    assert landing_sweep.put_back_stale(broker, landing) == 1
     assert broker.lrange(queue, 0, -1) == ["lost with its connection"]
     assert sorted(broker.hkeys(landing.key)) == sorted([under_way, "another-worker|1"])
 
@@ -211,9 +211,9 @@ def test_a_pop_whose_reply_died_with_its_connection_is_put_back_by_the_heartbeat
                 time.sleep(0.05)
             assert broker.llen(queue.name) == 0
             assert landing.under_way(), "a pop whose reply is unread is under way"
-            assert kombu_landing.put_back_stale(broker, landing) == 0, "never put back while under way"
+            assert landing_sweep.put_back_stale(broker, landing) == 0, "never put back while under way"
             client.connection.disconnect()  # what a Redis restart does to the consumer's connection
             assert not landing.under_way(), "its reply died with the connection: the delivery is over"
-    assert kombu_landing.put_back_stale(broker, landing) == 1
+    assert landing_sweep.put_back_stale(broker, landing) == 1
     assert broker.lrange(queue.name, 0, -1) == before
     assert broker.hlen(landing.key) == 0
