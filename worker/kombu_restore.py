@@ -6,7 +6,8 @@ transaction — but when the push fails with anything other than a connection er
 "'NoneType' object has no attribute 'hostname'" while a worker stopped across a Redis restart), it logs "Could not
 restore message" and lets the transaction remove the message anyway: the image is lost, with no result. Raising
 instead aborts the transaction; the message stays unacknowledged, and the workers' leases (worker/leases.py)
-requeue it within seconds.
+requeue it within seconds. A restore that fails this way is then skipped, so that kombu's visibility sweep, which
+restores every expired message of the database in one loop, goes on with the others.
 
 Second: when a Redis restart breaks the consumer's connection, kombu closes the channel, which restores the
 messages it had delivered — through a connection pool that the same teardown has already dropped, so building a new
@@ -27,6 +28,9 @@ from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger(__name__)
 _PATCHED = "_blobscore_keeps_unrestorable"
+# Unrestorable messages are reported once each, for this many at most per process.
+MAX_REPORTED = 1000
+_reported: set[Any] = set()
 
 
 class RestoreFailedError(RuntimeError):
@@ -52,8 +56,27 @@ def keep_unrestorable_messages() -> None:
 
     channel._do_restore_message = restore
     qos: Any = kombu_redis.QoS
+    qos.restore_by_tag = _skip_unrestorable(qos.restore_by_tag)
     qos.restore_unacked = _tolerate_torn_down(qos.restore_unacked)
     setattr(channel, _PATCHED, True)
+
+
+def _skip_unrestorable(original: Any) -> Any:
+    # kombu's visibility sweep restores the newest expired messages of the whole database in a loop: one message it
+    # cannot restore (another deployment's, whose queue is gone) would end every sweep there, and the messages
+    # behind it would never come back. Keep that one unacknowledged, say so once, and go on with the others.
+    @functools.wraps(original)
+    def restore_by_tag(self: Any, tag: Any, client: Any = None, leftmost: bool = False) -> bool:
+        try:
+            original(self, tag, client, leftmost)
+        except RestoreFailedError as exc:
+            if len(_reported) < MAX_REPORTED and tag not in _reported:
+                _reported.add(tag)
+                log.warning("message %s left unacknowledged: %s", tag, exc)
+            return False
+        return True
+
+    return restore_by_tag
 
 
 def _tolerate_torn_down(original: Any) -> Any:

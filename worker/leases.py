@@ -286,11 +286,10 @@ def _restore(app: Any, broker: redis.Redis, tags: list[str]) -> int:
         return 0
     with app.connection_for_write() as connection:
         qos = connection.default_channel.qos
-        for tag in present:
-            # kombu's own restore: the same queue lookup and `redelivered` flag as a visibility-timeout restore, in
-            # a transaction that does nothing if the tag was acknowledged or restored meanwhile.
-            qos.restore_by_tag(tag)
-    return len(present)
+        # kombu's own restore: the same queue lookup and `redelivered` flag as a visibility-timeout restore, in a
+        # transaction that does nothing if the tag was acknowledged or restored meanwhile; False when it could not
+        # (worker/kombu_restore.py: the message stays unacknowledged).
+        return sum(qos.restore_by_tag(tag) is not False for tag in present)
 
 
 class Reclaimer(threading.Thread):
