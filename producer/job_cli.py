@@ -59,6 +59,7 @@ def enqueue(
     else:
         spec = _job_spec(settings, container, prefix, service, results_container, results_prefix)
         _check_containers(store, settings, spec)
+        _note_if_empty(store, spec)
         if dry_run:
             report = count_only(store, spec, options)
             _print_report(report, dry_run=True, as_json=as_json)
@@ -81,6 +82,15 @@ def enqueue(
     publish = TaskPublisher(app, settings.queue_for(spec.service))
     report = run_listing(store, jobs, publish, job_id, options, on_page=_listing_progress(jobs, job_id))
     _print_report(report, dry_run=False, as_json=as_json)
+
+
+def _note_if_empty(store: BlobStore, spec: JobSpec) -> None:
+    # The listing runs on the fleet after this returns: a mistyped prefix would only show later, in `status`.
+    first = next(iter(store.list_pages(spec.container, spec.prefix, None, 1)), None)
+    if first is None or not first.blobs:
+        where = f"{spec.container}/{spec.prefix}" if spec.prefix else f"container {spec.container}"
+        console.print(f"note: nothing to score: no blob under {where} (check --prefix); the job ends at once",
+                      markup=False)
 
 
 def _check_containers(store: BlobStore, settings: Settings, spec: JobSpec) -> None:

@@ -104,6 +104,27 @@ def test_a_rotated_key_and_a_missing_worker_show_in_status(
         standin.stop()
 
 
+def test_enqueue_of_an_empty_prefix_says_so_at_once(
+    tmp_path: Path, redis_url: str, azurite: Any, blob_service: BlobServiceClient
+) -> None:
+    container = f"empty-{uuid.uuid4().hex[:10]}"
+    blob_service.create_container(container).upload_blob("photos/img-0.jpg", jpeg_bytes(5))
+    env = blobscore_env(broker_url=redis_url, connection_string=azurite.connection_string, scoring_port=free_port(),
+                        key="k", service_name=SERVICE)
+
+    def enqueue(prefix: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producer.cli", "enqueue", "--container", container,
+                               "--prefix", prefix, "--json"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    mistyped = enqueue("fotos/")
+    assert mistyped.returncode == 0  # a job that ends at once is not an error: the note says what to check
+    assert f"nothing to score: no blob under {container}/fotos/ (check --prefix)" in mistyped.stderr
+    right = enqueue("photos/")
+    assert right.returncode == 0
+    assert "nothing to score" not in right.stderr
+
+
 def _wait_until(check: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not check():
