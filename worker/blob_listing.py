@@ -8,32 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn
 from urllib.parse import quote, unquote
 from xml.etree.ElementTree import Element, ParseError, fromstring
 
-from azure.core.exceptions import (
-    ClientAuthenticationError,
-    DecodeError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceNotFoundError,
-    ResourceNotModifiedError,
-    map_error,
-)
-from azure.core.rest import HttpRequest, HttpResponse
+from azure.core.exceptions import DecodeError
+from azure.core.rest import HttpRequest
 from azure.storage.blob import ContainerClient
-from azure.storage.blob._shared.response_handlers import process_storage_error
 
+from worker.blob_requests import raise_storage_error
 from worker.contracts import normalize_etag
 
-# What the SDK's generated List Blobs operation maps these statuses to before its own error refinement.
-LISTING_ERROR_MAP: dict[int, type[HttpResponseError]] = {
-    401: ClientAuthenticationError,
-    404: ResourceNotFoundError,
-    409: ResourceExistsError,
-    304: ResourceNotModifiedError,
-}
 ENCODED_TRUE = frozenset({"true", "1"})  # how the service (and the SDK's bool reader) spell Encoded="true"
 
 
@@ -70,16 +54,6 @@ def listing_request(
     return HttpRequest("GET", client.url, params=params, headers=headers)
 
 
-def _raise_listing_error(response: HttpResponse) -> NoReturn:
-    """Raise what the SDK's own listing raises for this answer: ResourceNotFoundError for a missing container, …"""
-    try:
-        map_error(status_code=response.status_code, response=response, error_map=LISTING_ERROR_MAP)
-        raise HttpResponseError(response=response)
-    except HttpResponseError as error:
-        # The SDK's refinement by x-ms-error-code (e.g. 403 AuthenticationFailed -> ClientAuthenticationError).
-        process_storage_error(error)
-
-
 def _listing_xml(client: ContainerClient, request: HttpRequest) -> Element:
     """Send one listing request through the client's pipeline and return the answer's XML root."""
     # ContainerClient._pipeline is the pipeline the SDK's own operations run through: its policies sign the request,
@@ -88,7 +62,7 @@ def _listing_xml(client: ContainerClient, request: HttpRequest) -> Element:
     answer = client._pipeline.run(request, stream=False)
     response = answer.http_response
     if response.status_code != 200:
-        _raise_listing_error(response)
+        raise_storage_error(response)
     root = answer.context.get("deserialized_data")
     if not isinstance(root, Element):  # the body came without an XML content type
         try:

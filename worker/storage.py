@@ -1,6 +1,7 @@
 """Blob Storage adapter: capped downloads, create-only result writes, listings; SDK errors become ours.
 
-The List Blobs request and the reading of its XML answer are worker/blob_listing.py's.
+The List Blobs request and the reading of its XML answer are worker/blob_listing.py's; the per-image GET and PUT
+are worker/blob_requests.py's (the SDK's pipeline without its per-call client).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
@@ -24,11 +24,12 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.pipeline.transport._bigger_block_size_http_adapters import BiggerBlockSizeHTTPAdapter
-from azure.storage.blob import BlobServiceClient, ContentSettings, ExponentialRetry
+from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings, ExponentialRetry
 from urllib3.util.retry import Retry
 
 from worker import metrics
 from worker.blob_listing import ListedBlob, ListingPage, listing_page, listing_pages, metadata_entries, next_marker
+from worker.blob_requests import fetch_start, put_block_blob
 from worker.contracts import normalize_etag
 from worker.errors import BlobscoreError, ConfigurationError, PermanentError, RejectionCode, TransientError
 from worker.results import ExistingResult, existing_from_metadata
@@ -36,7 +37,7 @@ from worker.settings import Settings
 
 # Statuses worth retrying: timeouts, throttling and server-side failures.
 TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-JSON_CONTENT = ContentSettings(content_type="application/json")
+JSON_CONTENT_TYPE = "application/json"
 LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 20  # between two reads of one response, not for the whole body
@@ -113,6 +114,10 @@ def _translated(what: str) -> Iterator[None]:
     except (ServiceRequestError, ServiceResponseError) as exc:
         raise TransientError(f"{what}: Blob Storage unreachable ({type(exc).__name__})") from exc
     except HttpResponseError as exc:
+        if exc.status_code == 403:  # a key, SAS, role or firewall that does not let us in: never the image's fault
+            code = getattr(exc, "error_code", None) or "no error code"
+            raise ConfigurationError(f"{what}: Blob Storage refused access (403 {code}): check the account's key, "
+                                     "SAS, role assignment or firewall") from exc
         if is_transient_status(exc.status_code):
             raise TransientError(f"{what}: Blob Storage answered {exc.status_code}") from exc
         raise BlobscoreError(f"{what}: Blob Storage answered {exc.status_code}: {exc.reason}") from exc
@@ -125,6 +130,8 @@ class BlobStore:
 
     def __init__(self, service: BlobServiceClient) -> None:
         self._service = service
+        # One client per container, shared by the threads: the per-image calls build no client of their own.
+        self._containers: dict[str, ContainerClient] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BlobStore:
@@ -144,24 +151,26 @@ class BlobStore:
         """Release the HTTP session."""
         self._service.close()
 
+    def _container(self, container: str) -> ContainerClient:
+        client = self._containers.get(container)
+        if client is None:
+            client = self._containers.setdefault(container, self._service.get_container_client(container))
+        return client
+
     def download(self, container: str, blob: str, max_bytes: int) -> Downloaded:
         """The blob's current bytes; one byte past the cap is fetched so an oversized blob is known without HEAD."""
-        client = self._service.get_blob_client(container, blob)
         try:
             with _translated(f"download {container}/{blob}"):
-                stream = client.download_blob(offset=0, length=max_bytes + 1, max_concurrency=1)
-                data = stream.readall()
+                fetched = fetch_start(self._container(container), blob, max_bytes + 1)
         except BlobNotFoundError as exc:
             raise PermanentError(RejectionCode.SOURCE_MISSING, "the source blob no longer exists") from exc
         except BlobscoreError as exc:
             if _status_of(exc) == 416:  # Range not satisfiable: the blob is empty.
                 return Downloaded(b"", self._etag(container, blob), 0)
             raise
-        properties = stream.properties
-        size = int(properties.size)
-        if len(data) > max_bytes:
+        if len(fetched.data) > max_bytes:
             raise PermanentError(RejectionCode.TOO_LARGE, f"over the {max_bytes}-byte cap")
-        return Downloaded(data, normalize_etag(properties.etag), size)
+        return Downloaded(fetched.data, normalize_etag(fetched.etag), fetched.size)
 
     def source_etag(self, container: str, blob: str) -> str | None:
         """The source blob's current etag, or None when it is gone."""
@@ -188,18 +197,9 @@ class BlobStore:
         self, container: str, name: str, body: bytes, metadata: dict[str, str], replaces_etag: str | None
     ) -> None:
         """Create the result only if absent, or replace exactly the version we read; never overwrite blindly."""
-        client = self._service.get_blob_client(container, name)
         try:
             with _translated(f"write result {container}/{name}"):
-                if replaces_etag is None:
-                    client.upload_blob(
-                        body, metadata=metadata, content_settings=JSON_CONTENT, overwrite=False
-                    )
-                else:
-                    client.upload_blob(
-                        body, metadata=metadata, content_settings=JSON_CONTENT, overwrite=True,
-                        etag=replaces_etag, match_condition=MatchConditions.IfNotModified,
-                    )
+                put_block_blob(self._container(container), name, body, JSON_CONTENT_TYPE, metadata, replaces_etag)
         except BlobscoreError as exc:
             if isinstance(exc.__cause__, ResourceExistsError | ResourceModifiedError):
                 raise ResultConflictError(f"{container}/{name} was written by someone else") from exc
