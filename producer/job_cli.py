@@ -18,7 +18,7 @@ from producer.output_cli import console, key_value_line, print_json
 from producer.publishing import TaskPublisher
 from producer.service_cli import samples_upload
 from worker.celery_app import publisher_app
-from worker.errors import BlobscoreError
+from worker.errors import BlobscoreError, TransientError
 from worker.jobs import JobSpec, JobStatus, JobStore
 from worker.settings import Settings, load_settings
 from worker.storage import BlobStore
@@ -95,7 +95,12 @@ def _note_if_empty(store: BlobStore, spec: JobSpec) -> None:
 
 def _check_containers(store: BlobStore, settings: Settings, spec: JobSpec) -> None:
     for name in sorted({spec.container, spec.results_container}):
-        if not store.container_exists(name):
+        try:
+            exists = store.container_exists(name)
+        except TransientError as exc:
+            raise BlobscoreError(f"{exc}: check BLOBSCORE_BLOB_CONNECTION_STRING (or BLOBSCORE_BLOB_ACCOUNT_URL) and "
+                                 "that the endpoint answers") from exc
+        if not exists:
             raise BlobscoreError(f"container {name} does not exist in storage account {settings.account}: check "
                                  f"--container{' and --results-container' if name != spec.container else ''}")
 

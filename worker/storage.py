@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from azure.core.exceptions import (
@@ -42,6 +43,9 @@ LISTING_PAGE_SIZE = 5000  # the most Blob Storage returns in one List Blobs call
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 20  # between two reads of one response, not for the whole body
 DOWNLOAD_BLOCK_BYTES = 256 * 1024
+# A command's first request to the account (container_exists): an answer takes milliseconds, so wait little.
+CHECK_CONNECT_TIMEOUT_S = 5
+CHECK_READ_TIMEOUT_S = 5
 
 
 def _session(pool_size: int, use_env_proxies: bool) -> requests.Session:
@@ -250,9 +254,13 @@ class BlobStore:
             return normalize_etag(reply["etag"])
 
     def container_exists(self, container: str) -> bool:
-        """Whether the container exists (one request)."""
-        with _translated(f"look for container {container}"):
-            return bool(self._service.get_container_client(container).exists())
+        """Whether the container exists: one request, quick to give up — a command's first look at the account, so
+        a wrong or unreachable endpoint is named within seconds, not after the workers' patient timeouts."""
+        where = urlsplit(self._service.url).netloc  # the host only: a SAS query never reaches a message
+        with _translated(f"look for container {container} at {where}"):
+            return bool(self._service.get_container_client(container).exists(
+                connection_timeout=CHECK_CONNECT_TIMEOUT_S, read_timeout=CHECK_READ_TIMEOUT_S, retry_total=0,
+            ))
 
     def ensure_container(self, container: str) -> None:
         """Create the container if it does not exist."""

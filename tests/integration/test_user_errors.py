@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from azure.storage.blob import BlobServiceClient
 from pipeline_helpers import blobscore_env, start_worker
 from shared_helpers import jpeg_bytes, run_cli_json
 
+from deploy.local.azurite import AZURITE_KEY, connection_string
 from deploy.local.procs import ManagedProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -123,6 +125,31 @@ def test_enqueue_of_an_empty_prefix_says_so_at_once(
     right = enqueue("photos/")
     assert right.returncode == 0
     assert "nothing to score" not in right.stderr
+
+
+def test_enqueue_against_a_blob_endpoint_that_never_answers_names_it_within_seconds(
+    tmp_path: Path, redis_url: str
+) -> None:
+    silent = socket.socket()  # the kernel completes the handshake; nothing ever reads or answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    env = blobscore_env(broker_url=redis_url, connection_string=connection_string(port), scoring_port=free_port(),
+                        key="k", service_name=SERVICE)
+    try:
+        started = time.monotonic()
+        completed = subprocess.run([sys.executable, "-m", "producer.cli", "enqueue", "--container", "photos"],
+                                   env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False)
+        took_s = time.monotonic() - started
+    finally:
+        silent.close()
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr  # one line, no traceback
+    assert f"look for container photos at 127.0.0.1:{port}: Blob Storage unreachable" in lines[0]
+    assert "check BLOBSCORE_BLOB_CONNECTION_STRING" in lines[0]
+    assert AZURITE_KEY not in completed.stderr
+    print(f"an endpoint that never answers was named after {took_s:.1f} s")  # the figure in the README
 
 
 def _wait_until(check: Any, timeout: float) -> bool:
