@@ -46,6 +46,8 @@ DOWNLOAD_BLOCK_BYTES = 256 * 1024
 # A command's first request to the account (container_exists): an answer takes milliseconds, so wait little.
 CHECK_CONNECT_TIMEOUT_S = 5
 CHECK_READ_TIMEOUT_S = 5
+# Container clients kept for the per-image calls (a few per deployment in practice).
+MAX_CONTAINER_CLIENTS = 256
 
 
 def _session(pool_size: int, use_env_proxies: bool) -> requests.Session:
@@ -158,6 +160,8 @@ class BlobStore:
     def _container(self, container: str) -> ContainerClient:
         client = self._containers.get(container)
         if client is None:
+            if len(self._containers) >= MAX_CONTAINER_CLIENTS:  # a worker serving very many containers: start over
+                self._containers.clear()
             client = self._containers.setdefault(container, self._service.get_container_client(container))
         return client
 
