@@ -52,6 +52,7 @@ from pipeline import (
     listing_in_process,
     r3,
     run_cli,
+    settings_for,
     start_stack,
     upload_images,
     wait_until_done,
@@ -116,11 +117,12 @@ def _flower_tasks(port: int) -> dict[str, int]:
     return states
 
 
-def _enable_events_reply(broker_url: str) -> list[Any]:
-    """What the workers answer to the `enable_events` Flower broadcasts (asked here once, with replies)."""
-    from celery import Celery
+def _enable_events_reply(env: dict[str, str]) -> list[Any]:
+    """What the workers answer to the `enable_events` Flower broadcasts (asked here once, with replies), on the
+    deployment's own control exchange."""
+    from worker.celery_app import publisher_app
 
-    replies: list[Any] = Celery("bench-control", broker=broker_url).control.enable_events(reply=True, timeout=2)
+    replies: list[Any] = publisher_app(settings_for(env)).control.enable_events(reply=True, timeout=2)
     return replies
 
 
@@ -168,7 +170,7 @@ def run_variant(stack: Stack, base_env: dict[str, str], variant: str, tag: str, 
             out["flower_tasks"] = _flower_tasks(flower_port)
         out["enabled_by_remote"] = ENABLED_BY_REMOTE in worker.log.read_text(errors="replace")
         if variant == "remote_control":
-            out["enable_events_reply"] = _enable_events_reply(stack.redis_url)
+            out["enable_events_reply"] = _enable_events_reply(env)
         return out
     finally:
         if flower is not None:

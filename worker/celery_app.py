@@ -67,6 +67,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_enable_remote_control": settings.worker_remote_control,
         # Task events (what Flower shows per task) cost about 1 ms of worker CPU per image (bench/README.md): opt-in.
         "worker_send_task_events": settings.worker_task_events,
+        # Remote control and task events of this deployment only (Celery's defaults, "celery" and "celeryev", are
+        # shared by everything on the Redis): another deployment's Flower or `celery control` must not reach these
+        # workers — shut them down, resize or revoke — nor see their events.
+        "control_exchange": f"{settings.queue}.{settings.namespace_in_use}",
+        "event_exchange": f"{settings.queue}.{settings.namespace_in_use}.events",
         "task_send_sent_event": False,
     }
 

@@ -26,6 +26,7 @@ from shared_helpers import jpeg_bytes, run_cli_json, settings_of
 
 from deploy.local.azurite import connection_string, start_azurite
 from deploy.local.procs import ManagedProcess, free_port
+from worker.celery_app import publisher_app
 from worker.tasks import MISROUTED_KEY, MISROUTED_SUFFIX
 
 pytestmark = pytest.mark.integration
@@ -140,6 +141,11 @@ def test_two_stacks_on_one_redis_each_score_only_their_own_images(two_stacks: li
     foreign = run_cli_failing(a.env, a.workdir, "status", jobs["b"])
     assert "belongs to another deployment" in foreign
     assert "devstoreaccount1" in foreign
+    # Remote control stays inside a deployment: what A's Flower or `celery control` broadcasts reaches A's worker
+    # only (both workers are named celery@<this host>: a shared control exchange would bring two replies).
+    for stack in two_stacks:
+        replies = publisher_app(settings_of(stack.env)).control.ping(timeout=3)
+        assert len(replies) == 1, f"{stack.name}: {replies}"
 
 
 def run_cli_failing(env: dict[str, str], cwd: Path, *args: str) -> str:
