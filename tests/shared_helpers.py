@@ -1,4 +1,5 @@
-"""Helpers shared by the integration and fault suites: the real CLI as a subprocess, small real JPEGs."""
+"""Helpers shared by the integration and fault suites: the real CLI as a subprocess, small real JPEGs and containers
+of them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import io
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from azure.storage.blob import BlobServiceClient
 from PIL import Image
 
 from worker.settings import Settings
@@ -44,3 +47,12 @@ def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (64, 48), **save: Any) -> 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, **save)
     return buffer.getvalue()
+
+
+def container_of_jpegs(service: BlobServiceClient, stem: str, count: int, size: tuple[int, int]) -> str:
+    """A new container `<stem>-<random>` holding `count` distinct JPEGs img-000.jpg, img-001.jpg, …; its name."""
+    name = f"{stem}-{uuid.uuid4().hex[:12]}"
+    container = service.create_container(name)
+    for number in range(count):
+        container.upload_blob(f"img-{number:03d}.jpg", jpeg_bytes(number, size))
+    return name

@@ -12,7 +12,7 @@ import pytest
 import redis
 from azure.storage.blob import BlobServiceClient
 from pipeline_helpers import blobscore_env, start_standin, start_worker, wait_until_done
-from shared_helpers import jpeg_bytes, run_cli_json
+from shared_helpers import container_of_jpegs, run_cli_json
 
 from producer.enqueue import EnqueueOptions, enqueue, run_listing
 from producer.publishing import TaskPublisher
@@ -30,11 +30,7 @@ SERVICE = "window-svc"
 
 @pytest.fixture
 def photos_container(blob_service: BlobServiceClient) -> str:
-    name = f"window-{uuid.uuid4().hex[:12]}"
-    container = blob_service.create_container(name)
-    for number in range(IMAGES):
-        container.upload_blob(f"img-{number:03d}.jpg", jpeg_bytes(number, (32, 24)))
-    return name
+    return container_of_jpegs(blob_service, "window", IMAGES, (32, 24))
 
 
 def _parts(tmp_path: Path, redis_url: str, azurite: Any, container: str) -> tuple[Any, JobStore, BlobStore, JobSpec]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from shared_helpers import jpeg_bytes
+from shared_helpers import container_of_jpegs
 
 from producer.carrier import CarrierDeps, StepLock, StepOutcome, list_step
 from worker.contracts import ImageTask
@@ -65,11 +65,7 @@ class Carrier:
 
 @pytest.fixture
 def photos(blob_service: BlobServiceClient) -> str:
-    name = f"carrier-{uuid.uuid4().hex[:12]}"
-    container = blob_service.create_container(name)
-    for number in range(IMAGES):
-        container.upload_blob(f"img-{number:03d}.jpg", jpeg_bytes(number, (16, 12)))
-    return name
+    return container_of_jpegs(blob_service, "carrier", IMAGES, (16, 12))
 
 
 def _listed_once(carrier: Carrier) -> None:
